@@ -1,0 +1,1 @@
+"""Checkpoint conversion between Hugging Face and llama4_jax."""

@@ -1,0 +1,139 @@
+"""The one table between Hugging Face Llama 4 parameter names and ours, used in both directions.
+
+HF stores nn.Linear weights as (out, in); we store y = x @ W layouts with heads split out, e.g. q_proj as
+(D, N, H). HF's fused experts are already x @ W: gate_up_proj (E, D, 2F) becomes our (E, D, 2, F) by a
+reshape (gate is the first F columns, up the last F). Decoder layer i lives in scanned block i // P at
+slot i % P (P = config.block_size), stacked along the blocks' leading axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Iterator
+
+import numpy as np
+
+from llama4_jax.config import Llama4Config
+
+TEXT_PREFIX = ""  # text-only checkpoints: model.*, lm_head.weight
+MULTIMODAL_PREFIX = "language_model."  # Llama4ForConditionalGeneration: language_model.model.*, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Transform:
+    """How an HF tensor maps to ours. kind: 'identity'; 'linear' (transpose an (out, in) weight, then split
+    dims; `in_dims` of our leading dims are the input side); 'split_last' (same memory order, HF's last dim
+    split in two, e.g. gate_up (E, D, 2F) -> (E, D, 2, F))."""
+
+    kind: str
+    in_dims: int = 1
+
+    def to_ours(self, hf: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "linear":
+            return np.ascontiguousarray(hf.T).reshape(shape)
+        return hf.reshape(shape)
+
+    def to_hf(self, ours: np.ndarray, hf_shape: tuple[int, ...]) -> np.ndarray:
+        if self.kind == "linear":
+            fan_in = math.prod(ours.shape[: self.in_dims])
+            return np.ascontiguousarray(ours.reshape(fan_in, -1).T)
+        return ours.reshape(hf_shape)
+
+    def hf_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        if self.kind == "linear":
+            return (math.prod(shape[self.in_dims:]), math.prod(shape[: self.in_dims]))
+        if self.kind == "split_last":
+            return (*shape[:-2], shape[-2] * shape[-1])
+        return shape
+
+
+IDENTITY = Transform("identity")
+LINEAR = Transform("linear")
+LINEAR_OUT = Transform("linear", in_dims=2)  # o_proj: ours (N, H, D) <- HF (D, N*H)
+SPLIT_LAST = Transform("split_last")
+
+# HF name under model.layers.{i}. -> (our path under the layer, transform). Names mirror HF.
+_LAYER_TABLE: dict[str, tuple[str, Transform]] = {
+    "input_layernorm.weight": ("input_layernorm.weight", IDENTITY),
+    "post_attention_layernorm.weight": ("post_attention_layernorm.weight", IDENTITY),
+    "self_attn.q_proj.weight": ("self_attn.q_proj", LINEAR),
+    "self_attn.k_proj.weight": ("self_attn.k_proj", LINEAR),
+    "self_attn.v_proj.weight": ("self_attn.v_proj", LINEAR),
+    "self_attn.o_proj.weight": ("self_attn.o_proj", LINEAR_OUT),
+}
+_ATTENTION_BIAS_TABLE = {
+    **{f"self_attn.{x}_proj.bias": (f"self_attn.{x}_bias", SPLIT_LAST) for x in ("q", "k", "v")},
+    "self_attn.o_proj.bias": ("self_attn.o_bias", IDENTITY),
+}
+_MOE_TABLE = {
+    "feed_forward.router.weight": ("feed_forward.router", LINEAR),
+    "feed_forward.experts.gate_up_proj": ("feed_forward.experts.gate_up_proj", SPLIT_LAST),
+    "feed_forward.experts.down_proj": ("feed_forward.experts.down_proj", IDENTITY),
+    **{f"feed_forward.shared_expert.{p}_proj.weight": (f"feed_forward.shared_expert.{p}_proj", LINEAR)
+       for p in ("gate", "up", "down")},
+}
+_DENSE_TABLE = {
+    f"feed_forward.{p}_proj.weight": (f"feed_forward.{p}_proj", LINEAR) for p in ("gate", "up", "down")
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """One HF tensor: where it lives in our state (path, and block index when stacked) and how it maps."""
+
+    hf_name: str
+    path: tuple[str | int, ...]
+    block: int | None
+    transform: Transform
+
+
+def entries(config: Llama4Config, prefix: str = TEXT_PREFIX) -> Iterator[Entry]:
+    """Every HF tensor of a text model with this config, in HF's order."""
+    yield Entry(f"{prefix}model.embed_tokens.weight", ("model", "embed_tokens"), None, IDENTITY)
+    p = config.block_size
+    for i, spec in enumerate(config.layer_specs):
+        table = dict(_LAYER_TABLE)
+        if config.attention_bias:
+            table.update(_ATTENTION_BIAS_TABLE)
+        table.update(_MOE_TABLE if spec.moe else _DENSE_TABLE)
+        for hf_suffix, (ours, transform) in table.items():
+            path = ("model", "blocks", "layers", i % p, *ours.split("."))
+            yield Entry(f"{prefix}model.layers.{i}.{hf_suffix}", path, i // p, transform)
+    yield Entry(f"{prefix}model.norm.weight", ("model", "norm", "weight"), None, IDENTITY)
+    if not config.tie_word_embeddings:  # HF omits lm_head.weight from tied checkpoints
+        yield Entry(f"{prefix}lm_head.weight", ("lm_head",), None, LINEAR)
+
+
+def _flat_params(model) -> dict[tuple, object]:
+    from flax import nnx
+
+    return dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
+
+
+def set_from_hf_tensors(model, tensors, prefix: str = TEXT_PREFIX) -> None:
+    """Copy HF-named tensors (a mapping name -> array) into `model` in place. Small models only: it builds
+    each stacked parameter on the host; streaming, sharded import lives in `llama4_jax.load_hf`."""
+    config = model.config
+    params = _flat_params(model)
+    staged: dict[tuple, np.ndarray] = {}
+    for entry in entries(config, prefix):
+        variable = params[entry.path]
+        if entry.block is None:
+            staged[entry.path] = entry.transform.to_ours(np.asarray(tensors[entry.hf_name]), variable.shape)
+        else:
+            full = staged.setdefault(entry.path, np.zeros(variable.shape, variable.dtype))
+            full[entry.block] = entry.transform.to_ours(np.asarray(tensors[entry.hf_name]), variable.shape[1:])
+    for path, value in staged.items():
+        params[path].set_value(value.astype(params[path].dtype))
+
+
+def hf_tensors(model, prefix: str = TEXT_PREFIX) -> Iterator[tuple[str, np.ndarray]]:
+    """(HF name, numpy array in HF layout) for every tensor, one at a time."""
+    params = _flat_params(model)
+    for entry in entries(model.config, prefix):
+        value = params[entry.path][...]
+        if entry.block is not None:
+            value = value[entry.block]
+        value = np.asarray(value)
+        yield entry.hf_name, entry.transform.to_hf(value, entry.transform.hf_shape(value.shape))

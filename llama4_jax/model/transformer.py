@@ -1,0 +1,170 @@
+"""The Llama 4 text stack: decoder layers grouped into the repeating block, scanned over depth.
+
+Llama 4 repeats a short layer pattern (NoPE every 4th layer; Maverick also alternates dense/MoE), so the
+stack is `num_blocks` copies of one block of `config.block_size` layers. Block parameters are stacked along
+a leading "layers" axis and the forward is a `jax.lax.scan` over them, so compile time does not grow with
+depth. `scan_layers=False` runs the same stacked parameters in a Python loop (for debugging).
+
+Legend: B batch, T sequence, D model, V vocab.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from llama4_jax.config import Llama4Config, LayerSpec
+from llama4_jax.model.attention import Attention, AttentionInputs, attention_masks, temperature_scales
+from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq
+from llama4_jax.model.moe import MoE
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm residual layer: h += attn(norm(h)); h += ffn(norm(h)). The one place layer kinds branch."""
+
+    def __init__(self, config: Llama4Config, spec: LayerSpec, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+        self.spec = spec
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        self.self_attn = Attention(config, spec, rngs=rngs, param_dtype=param_dtype)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+        if spec.moe:
+            self.feed_forward = MoE(config, rngs=rngs, param_dtype=param_dtype)
+        else:
+            self.feed_forward = MLP(config.hidden_size, config.intermediate_size_mlp, rngs=rngs,
+                                    std=config.initializer_range, param_dtype=param_dtype)
+
+    def __call__(self, h: jax.Array, inputs: AttentionInputs, *, moe_impl: str, gmm_backend: str | None):
+        with jax.named_scope("attention"):
+            h = h + self.self_attn(self.input_layernorm(h), inputs)
+        x = self.post_attention_layernorm(h)
+        if self.spec.moe:
+            return h + self.feed_forward(x, impl=moe_impl, backend=gmm_backend)
+        return h + self.feed_forward(x)
+
+
+class Block(nnx.Module):
+    """One period of the layer pattern: `block_size` decoder layers of possibly different kinds."""
+
+    def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
+        specs = config.layer_specs[: config.block_size]
+        self.layers = nnx.List([DecoderLayer(config, s, rngs=rngs, param_dtype=param_dtype) for s in specs])
+
+    def __call__(self, h: jax.Array, inputs: AttentionInputs, **kwargs) -> jax.Array:
+        for layer in self.layers:
+            h = layer(h, inputs, **kwargs)
+        return h
+
+
+def _stacked_blocks(config: Llama4Config, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> Block:
+    """`num_blocks` independently initialised blocks with parameters stacked on a new leading axis."""
+
+    @nnx.split_rngs(splits=config.num_blocks)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_blocks)
+    def make(rngs: nnx.Rngs) -> Block:
+        return Block(config, rngs=rngs, param_dtype=param_dtype)
+
+    blocks = make(rngs)
+    for _, variable in nnx.iter_graph(blocks):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+    return blocks
+
+
+def document_positions(segment_ids: jax.Array) -> jax.Array:
+    """Positions that restart at 0 where the segment id changes: (B, T) -> (B, T) int32."""
+    t = segment_ids.shape[1]
+    idx = jnp.arange(t, dtype=jnp.int32)
+    is_start = jnp.concatenate(
+        [jnp.ones_like(segment_ids[:, :1], bool), segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    start = jax.lax.cummax(jnp.where(is_start, idx, 0), axis=1)
+    return idx - start
+
+
+class Llama4TextModel(nnx.Module):
+    """Embedding, scanned decoder blocks, final norm. Returns final hidden states (B, T, D)."""
+
+    def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
+                 dtype: jnp.dtype = jnp.float32, scan_layers: bool = True, moe_impl: str = "dispatch",
+                 gmm_backend: str | None = None):
+        self.config = config
+        self.dtype = dtype
+        self.scan_layers = scan_layers
+        self.moe_impl = moe_impl
+        self.gmm_backend = gmm_backend
+        self.embed_tokens = param(rngs, (config.vocab_size, config.hidden_size), ("vocab", "embed"),
+                                  std=config.initializer_range, dtype=param_dtype)
+        self.blocks = _stacked_blocks(config, rngs, param_dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
+
+    def __call__(self, input_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
+        """input_ids (B, T) int32, or inputs_embeds (B, T, D). positions default to 0..T-1, or restart per
+        document when segment_ids (B, T) mark packed documents (attention never crosses documents)."""
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is None:
+            inputs_embeds = jnp.take(self.embed_tokens[...], input_ids, axis=0)
+        h = inputs_embeds.astype(self.dtype)
+        inputs = self._attention_inputs(h.shape[:2], positions, segment_ids)
+        h = self._run_blocks(h, inputs)
+        return self.norm(h)
+
+    def _attention_inputs(self, shape: tuple[int, int], positions, segment_ids) -> AttentionInputs:
+        config = self.config
+        if positions is None:
+            if segment_ids is not None:
+                positions = document_positions(segment_ids)
+            else:
+                positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
+        inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
+        cos, sin = rope_angles(positions, inv_freq)
+        global_mask, chunked_mask = attention_masks(positions, segment_ids, config.attention_chunk_size)
+        return AttentionInputs(positions=positions, cos=cos, sin=sin, global_mask=global_mask,
+                               chunked_mask=chunked_mask, temperature=temperature_scales(positions, config))
+
+    def _run_blocks(self, h: jax.Array, inputs: AttentionInputs) -> jax.Array:
+        graphdef, state = nnx.split(self.blocks)
+        kwargs = dict(moe_impl=self.moe_impl, gmm_backend=self.gmm_backend)
+
+        def body(h, block_state):
+            with jax.named_scope("block"):
+                return nnx.merge(graphdef, block_state)(h, inputs, **kwargs), None
+
+        if self.scan_layers:
+            h, _ = jax.lax.scan(body, h, state)
+            return h
+        for i in range(self.config.num_blocks):
+            h, _ = body(h, jax.tree.map(lambda a, i=i: a[i], state))
+        return h
+
+
+class Llama4ForCausalLM(nnx.Module):
+    """Llama 4 text model with its LM head (tied to embed_tokens when tie_word_embeddings).
+
+    >>> model = Llama4ForCausalLM(config, rngs=nnx.Rngs(0))
+    >>> logits = model(input_ids)            # (B, T) int32 -> (B, T, V)
+    >>> hidden = model.model(input_ids)      # (B, T, D), for losses that compute logits in chunks
+    >>> logits = model.logits(hidden)
+    """
+
+    def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
+                 dtype: jnp.dtype = jnp.float32, scan_layers: bool = True, moe_impl: str = "dispatch",
+                 gmm_backend: str | None = None):
+        self.config = config
+        self.model = Llama4TextModel(config, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
+                                     scan_layers=scan_layers, moe_impl=moe_impl, gmm_backend=gmm_backend)
+        if not config.tie_word_embeddings:
+            self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
+                                 std=config.initializer_range, dtype=param_dtype)
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """(..., D) hidden states -> (..., V) logits (no soft-capping or scaling in Llama 4)."""
+        if self.config.tie_word_embeddings:
+            return hidden @ self.model.embed_tokens[...].astype(hidden.dtype).T
+        return hidden @ self.lm_head[...].astype(hidden.dtype)
+
+    def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
+                 segment_ids: jax.Array | None = None, return_hidden_states: bool = False) -> jax.Array:
+        hidden = self.model(input_ids, positions=positions, segment_ids=segment_ids)
+        return hidden if return_hidden_states else self.logits(hidden)
