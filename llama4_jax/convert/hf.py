@@ -12,6 +12,7 @@ import dataclasses
 import math
 from collections.abc import Iterator
 
+import jax.numpy as jnp
 import numpy as np
 
 from llama4_jax.config import Llama4Config
@@ -125,7 +126,7 @@ def set_from_hf_tensors(model, tensors, prefix: str = TEXT_PREFIX) -> None:
             full = staged.setdefault(entry.path, np.zeros(variable.shape, variable.dtype))
             full[entry.block] = entry.transform.to_ours(np.asarray(tensors[entry.hf_name]), variable.shape[1:])
     for path, value in staged.items():
-        params[path].set_value(value.astype(params[path].dtype))
+        params[path].set_value(jnp.asarray(value, params[path].dtype))
 
 
 def hf_tensors(model, prefix: str = TEXT_PREFIX) -> Iterator[tuple[str, np.ndarray]]:

@@ -67,22 +67,28 @@ class MLP(nnx.Module):
 def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
     """Inverse frequencies (head_dim/2,), float32, computed on the host exactly as HF does in float32."""
     exponent = np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
-    inv_freq = (np.float32(1.0) / (np.float32(theta) ** exponent)).astype(np.float32)
+    # theta**exponent correctly rounded to float32 (via float64), then a float32 reciprocal: bit-identical to
+    # torch's float32 table here, where numpy's float32 pow differs in the last bit for ~10% of entries.
+    # At position 10^4 one ulp of inv_freq moves the angle by ~1e-3 rad, so the last bit matters.
+    power = (np.float64(theta) ** exponent.astype(np.float64)).astype(np.float32)
+    inv_freq = np.float32(1.0) / power
     if scaling is None:
         return inv_freq
-    # llama3 rule. With low == high (Scout's fixed config) the smoothing band is empty and its formula
-    # divides by zero; np.where never selects it there, and this runs on the host so no NaN can reach a gradient.
-    orig = np.float32(scaling.original_max_position_embeddings)
-    low_wl = orig / np.float32(scaling.low_freq_factor)
-    high_wl = orig / np.float32(scaling.high_freq_factor)
-    factor = np.float32(scaling.factor)
-    wavelen = np.float32(2 * np.pi) / inv_freq
-    scaled = np.where(wavelen > low_wl, inv_freq / factor, inv_freq)
+    # llama3 rule, in float32 and in HF's operation order (torch evaluates `scalar / tensor` as
+    # reciprocal(tensor) * scalar), so the table is bit-identical. With low == high (Scout's fixed config) the
+    # smoothing band is empty and its formula divides by zero; np.where never selects it there, and this runs
+    # on the host so no NaN can reach a gradient.
+    f32 = np.float32
+    orig = f32(scaling.original_max_position_embeddings)
+    low, high, factor = f32(scaling.low_freq_factor), f32(scaling.high_freq_factor), f32(scaling.factor)
+    low_wavelen = scaling.original_max_position_embeddings / scaling.low_freq_factor
+    high_wavelen = scaling.original_max_position_embeddings / scaling.high_freq_factor
+    wavelen = (f32(1.0) / inv_freq) * f32(2 * np.pi)
+    scaled = np.where(wavelen > low_wavelen, inv_freq / factor, inv_freq)
     with np.errstate(divide="ignore", invalid="ignore"):
-        band = np.float32(scaling.high_freq_factor - scaling.low_freq_factor)
-        smooth = (orig / wavelen - np.float32(scaling.low_freq_factor)) / band
-        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= high_wl) & (wavelen <= low_wl)
+        smooth = ((f32(1.0) / wavelen) * orig - low) / f32(high - low)
+        smoothed = (f32(1.0) - smooth) * scaled / factor + smooth * scaled
+    medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(np.float32)
 
 
