@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax.config import Llama4Config, LayerSpec
+from llama4_jax.config import LayerSpec, Llama4Config
 from llama4_jax.model.layers import apply_rope, param, rms_normalize
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # large, finite: a masked row never yields NaN

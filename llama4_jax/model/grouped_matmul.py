@@ -14,7 +14,6 @@ One entry point, `grouped_matmul`, with a backend chosen per platform:
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 

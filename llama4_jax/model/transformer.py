@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from llama4_jax.config import Llama4Config, LayerSpec
+from llama4_jax.config import LayerSpec, Llama4Config
 from llama4_jax.model.attention import Attention, AttentionInputs, attention_masks, temperature_scales
 from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq
 from llama4_jax.model.moe import MoE
