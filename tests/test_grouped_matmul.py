@@ -57,7 +57,7 @@ def test_dispatched_moe_equals_dense_reference_with_grads(top_k):
     graphdef, params = nnx.split(moe)
 
     def loss(params, x, impl):
-        y = nnx.merge(graphdef, params)(x, impl=impl)
+        y, _ = nnx.merge(graphdef, params)(x, impl=impl)
         return jnp.sum(y * jnp.sin(y)), y
 
     (l_d, y_d), g_d = jax.jit(jax.value_and_grad(loss, argnums=(0, 1), has_aux=True), static_argnums=2)(

@@ -122,7 +122,7 @@ def test_moe_layer_matches(impl, top_k):
 
     graphdef, state = nnx.split(ours)
     layer = nnx.merge(graphdef, jax_tree_index(state, 0))
-    assert_close(layer(jnp.asarray(x), impl=impl), ref.numpy().reshape(x.shape))
+    assert_close(layer(jnp.asarray(x), impl=impl)[0], ref.numpy().reshape(x.shape))
 
 
 def jax_tree_index(tree, i):
@@ -158,5 +158,6 @@ def test_each_decoder_layer_matches(name):
     for i in range(config.num_hidden_layers):
         block = nnx.merge(graphdef, jax_tree_index(state, i // p))
         layer_in, layer_out = captured[i]
-        out = block.layers[i % p](jnp.asarray(layer_in), inputs, moe_impl="dispatch", gmm_backend=None)
+        out, _ = block.layers[i % p](jnp.asarray(layer_in), inputs, moe_impl="dispatch", gmm_backend=None,
+                                     capacity_factor=None)
         assert_close(out, layer_out)

@@ -84,7 +84,12 @@ def bench_moe_vs_dense(config, tokens: int, repeats: int) -> tuple[float, float,
 
     def timed(module, **kwargs):
         graphdef, params = nnx.split(module)
-        loss = lambda p, x: jnp.sum(nnx.merge(graphdef, p)(x, **kwargs) ** 2)
+
+        def loss(p, x):
+            y = nnx.merge(graphdef, p)(x, **kwargs)
+            y = y[0] if isinstance(y, tuple) else y  # MoE also returns router stats
+            return jnp.sum(y**2)
+
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
         return _timeit(lambda: jax.block_until_ready(step(params, x)), repeats)
 

@@ -5,7 +5,7 @@ Legend: T tokens (batch and sequence flattened), D model, E experts, F expert wi
 
 Two implementations of the routed part:
 * `dispatch` (default): assignments sorted by expert and run through `grouped_matmul`, so only the chosen
-  experts are computed.
+  experts are computed; under a mesh, expert-parallel (`expert_parallel.py`).
 * `dense`: every expert on every token with score 0 for the unchosen ones, exactly as HF computes it. It is
   the reference the tests compare against (memory O(E * T * D)).
 """
@@ -16,7 +16,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama4_jax import sharding
 from llama4_jax.config import Llama4Config
+from llama4_jax.model.expert_parallel import expert_parallel_moe
 from llama4_jax.model.grouped_matmul import grouped_matmul
 from llama4_jax.model.layers import MLP, param
 
@@ -79,6 +81,21 @@ class Experts(nnx.Module):
         return jnp.einsum("ETF,EFD->TD", act, self.down_proj[...].astype(dtype))
 
 
+def router_stats(logits: jax.Array, top_experts: jax.Array) -> dict[str, jax.Array]:
+    """Per-layer router metrics, and the auxiliary losses the trainer may weight (off by default, so the
+    forward stays exactly Llama 4): Switch-style load balance E * sum_e f_e * p_e, and router z-loss."""
+    num_experts = logits.shape[-1]
+    load = jnp.zeros((num_experts,), jnp.float32).at[top_experts.reshape(-1)].add(1.0)
+    logits32 = logits.astype(jnp.float32)
+    probs = jax.nn.softmax(logits32, axis=-1).mean(axis=0)
+    fraction = load / top_experts.size
+    return {
+        "expert_load": load,
+        "load_balance_loss": num_experts * jnp.sum(fraction * probs),
+        "router_z_loss": jnp.mean(jax.nn.logsumexp(logits32, axis=-1) ** 2),
+    }
+
+
 class MoE(nnx.Module):
     """Routed experts + shared expert (width intermediate_size, unscaled input, always on)."""
 
@@ -90,16 +107,28 @@ class MoE(nnx.Module):
         self.shared_expert = MLP(config.hidden_size, config.intermediate_size, rngs=rngs,
                                  std=config.initializer_range, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, *, impl: str = "dispatch", backend: str | None = None) -> jax.Array:
-        """x: (B, T, D) -> (B, T, D)."""
+    def __call__(self, x: jax.Array, *, impl: str = "dispatch", backend: str | None = None,
+                 capacity_factor: float | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """x: (B, T, D) -> (B, T, D) and router stats (expert_load (E,), dropped_tokens, aux losses).
+
+        Under a sharding context (`llama4_jax.sharding.use_sharding`) the routed experts run expert-parallel;
+        `capacity_factor` (None = dropless) applies there.
+        """
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         with jax.named_scope("moe"):
-            _, top_experts, scores = route(x, self.router[...], self.top_k)
-            if impl == "dispatch":
-                routed = self.experts.dispatched(x, top_experts, scores, backend)
-            elif impl == "dense":
+            logits, top_experts, scores = route(x, self.router[...], self.top_k)
+            dropped = jnp.zeros((), jnp.int32)
+            if impl == "dense":
                 routed = self.experts.dense(x, top_experts, scores)
-            else:
+            elif impl != "dispatch":
                 raise ValueError(f"moe impl must be one of {MOE_IMPLS}, got {impl!r}")
-            return (self.shared_expert(x) + routed).reshape(shape)
+            elif sharding.current() is not None:
+                mesh, rules = sharding.current()
+                routed, dropped = expert_parallel_moe(
+                    x, top_experts, scores, self.experts.gate_up_proj[...], self.experts.down_proj[...],
+                    mesh=mesh, rules=rules, capacity_factor=capacity_factor, backend=backend)
+            else:
+                routed = self.experts.dispatched(x, top_experts, scores, backend)
+            stats = {**router_stats(logits, top_experts), "dropped_tokens": dropped}
+            return (self.shared_expert(x) + routed).reshape(shape), stats

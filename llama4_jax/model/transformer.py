@@ -18,6 +18,9 @@ from llama4_jax.config import LayerSpec, Llama4Config
 from llama4_jax.model.attention import Attention, AttentionInputs, attention_masks, temperature_scales
 from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq
 from llama4_jax.model.moe import MoE
+from llama4_jax.sharding import constrain
+
+RESIDUAL_AXES = ("batch", "length", "act_embed")
 
 
 class DecoderLayer(nnx.Module):
@@ -34,13 +37,17 @@ class DecoderLayer(nnx.Module):
             self.feed_forward = MLP(config.hidden_size, config.intermediate_size_mlp, rngs=rngs,
                                     std=config.initializer_range, param_dtype=param_dtype)
 
-    def __call__(self, h: jax.Array, inputs: AttentionInputs, *, moe_impl: str, gmm_backend: str | None):
+    def __call__(self, h: jax.Array, inputs: AttentionInputs, *, moe_impl: str, gmm_backend: str | None,
+                 capacity_factor: float | None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """(B, T, D) -> (B, T, D), and router stats for MoE layers (None for dense ones)."""
         with jax.named_scope("attention"):
             h = h + self.self_attn(self.input_layernorm(h), inputs)
+        h = constrain(h, RESIDUAL_AXES)
         x = self.post_attention_layernorm(h)
         if self.spec.moe:
-            return h + self.feed_forward(x, impl=moe_impl, backend=gmm_backend)
-        return h + self.feed_forward(x)
+            y, stats = self.feed_forward(x, impl=moe_impl, backend=gmm_backend, capacity_factor=capacity_factor)
+            return constrain(h + y, RESIDUAL_AXES), stats
+        return constrain(h + self.feed_forward(x), RESIDUAL_AXES), None
 
 
 class Block(nnx.Module):
@@ -50,10 +57,14 @@ class Block(nnx.Module):
         specs = config.layer_specs[: config.block_size]
         self.layers = nnx.List([DecoderLayer(config, s, rngs=rngs, param_dtype=param_dtype) for s in specs])
 
-    def __call__(self, h: jax.Array, inputs: AttentionInputs, **kwargs) -> jax.Array:
+    def __call__(self, h: jax.Array, inputs: AttentionInputs, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """Returns h and the MoE layers' router stats stacked in layer order ({} if the block has none)."""
+        stats = []
         for layer in self.layers:
-            h = layer(h, inputs, **kwargs)
-        return h
+            h, layer_stats = layer(h, inputs, **kwargs)
+            if layer_stats is not None:
+                stats.append(layer_stats)
+        return h, (jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {})
 
 
 def _stacked_blocks(config: Llama4Config, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> Block:
@@ -86,9 +97,10 @@ class Llama4TextModel(nnx.Module):
 
     def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
                  dtype: jnp.dtype = jnp.float32, scan_layers: bool = True, moe_impl: str = "dispatch",
-                 gmm_backend: str | None = None):
+                 gmm_backend: str | None = None, capacity_factor: float | None = None):
         self.config = config
         self.dtype = dtype
+        self.capacity_factor = capacity_factor
         self.scan_layers = scan_layers
         self.moe_impl = moe_impl
         self.gmm_backend = gmm_backend
@@ -98,17 +110,23 @@ class Llama4TextModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, param_dtype=param_dtype)
 
     def __call__(self, input_ids: jax.Array | None = None, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None) -> jax.Array:
-        """input_ids (B, T) int32, or inputs_embeds (B, T, D). positions default to 0..T-1, or restart per
-        document when segment_ids (B, T) mark packed documents (attention never crosses documents)."""
+                 segment_ids: jax.Array | None = None, inputs_embeds: jax.Array | None = None,
+                 return_aux: bool = False):
+        """input_ids (B, T) int32, or inputs_embeds (B, T, D) -> final hidden states (B, T, D).
+
+        positions default to 0..T-1, or restart per document when segment_ids (B, T) mark packed documents
+        (attention never crosses documents). With return_aux, also a dict of router stats per MoE layer,
+        each with a leading (num_moe_layers,) axis.
+        """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
         if inputs_embeds is None:
             inputs_embeds = jnp.take(self.embed_tokens[...], input_ids, axis=0)
-        h = inputs_embeds.astype(self.dtype)
+        h = constrain(inputs_embeds.astype(self.dtype), RESIDUAL_AXES)
         inputs = self._attention_inputs(h.shape[:2], positions, segment_ids)
-        h = self._run_blocks(h, inputs)
-        return self.norm(h)
+        h, aux = self._run_blocks(h, inputs)
+        h = self.norm(h)
+        return (h, aux) if return_aux else h
 
     def _attention_inputs(self, shape: tuple[int, int], positions, segment_ids) -> AttentionInputs:
         config = self.config
@@ -123,20 +141,24 @@ class Llama4TextModel(nnx.Module):
         return AttentionInputs(positions=positions, cos=cos, sin=sin, global_mask=global_mask,
                                chunked_mask=chunked_mask, temperature=temperature_scales(positions, config))
 
-    def _run_blocks(self, h: jax.Array, inputs: AttentionInputs) -> jax.Array:
+    def _run_blocks(self, h: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         graphdef, state = nnx.split(self.blocks)
-        kwargs = dict(moe_impl=self.moe_impl, gmm_backend=self.gmm_backend)
+        kwargs = dict(moe_impl=self.moe_impl, gmm_backend=self.gmm_backend, capacity_factor=self.capacity_factor)
 
         def body(h, block_state):
             with jax.named_scope("block"):
-                return nnx.merge(graphdef, block_state)(h, inputs, **kwargs), None
+                return nnx.merge(graphdef, block_state)(h, inputs, **kwargs)
 
         if self.scan_layers:
-            h, _ = jax.lax.scan(body, h, state)
-            return h
-        for i in range(self.config.num_blocks):
-            h, _ = body(h, jax.tree.map(lambda a, i=i: a[i], state))
-        return h
+            h, stats = jax.lax.scan(body, h, state)
+        else:
+            per_block = []
+            for i in range(self.config.num_blocks):
+                h, block_stats = body(h, jax.tree.map(lambda a, i=i: a[i], state))
+                per_block.append(block_stats)
+            stats = jax.tree.map(lambda *xs: jnp.stack(xs), *per_block)
+        # (num_blocks, moe layers per block, ...) -> (num_moe_layers, ...), in layer order.
+        return h, jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), stats)
 
 
 class Llama4ForCausalLM(nnx.Module):
@@ -150,21 +172,28 @@ class Llama4ForCausalLM(nnx.Module):
 
     def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
                  dtype: jnp.dtype = jnp.float32, scan_layers: bool = True, moe_impl: str = "dispatch",
-                 gmm_backend: str | None = None):
+                 gmm_backend: str | None = None, capacity_factor: float | None = None):
         self.config = config
         self.model = Llama4TextModel(config, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
-                                     scan_layers=scan_layers, moe_impl=moe_impl, gmm_backend=gmm_backend)
+                                     scan_layers=scan_layers, moe_impl=moe_impl, gmm_backend=gmm_backend,
+                                     capacity_factor=capacity_factor)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
                                  std=config.initializer_range, dtype=param_dtype)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
-        """(..., D) hidden states -> (..., V) logits (no soft-capping or scaling in Llama 4)."""
+        """(B, T, D) hidden states -> (B, T, V) logits (no soft-capping or scaling in Llama 4)."""
         if self.config.tie_word_embeddings:
-            return hidden @ self.model.embed_tokens[...].astype(hidden.dtype).T
-        return hidden @ self.lm_head[...].astype(hidden.dtype)
+            logits = hidden @ self.model.embed_tokens[...].astype(hidden.dtype).T
+        else:
+            logits = hidden @ self.lm_head[...].astype(hidden.dtype)
+        return constrain(logits, ("batch", "length", "act_vocab"))
 
     def __call__(self, input_ids: jax.Array, *, positions: jax.Array | None = None,
-                 segment_ids: jax.Array | None = None, return_hidden_states: bool = False) -> jax.Array:
-        hidden = self.model(input_ids, positions=positions, segment_ids=segment_ids)
-        return hidden if return_hidden_states else self.logits(hidden)
+                 segment_ids: jax.Array | None = None, return_hidden_states: bool = False,
+                 return_aux: bool = False):
+        """(B, T) int32 ids -> (B, T, V) logits, or (B, T, D) hidden states; with return_aux a pair whose
+        second item holds per-MoE-layer router stats (see `Llama4TextModel`)."""
+        hidden, aux = self.model(input_ids, positions=positions, segment_ids=segment_ids, return_aux=True)
+        out = hidden if return_hidden_states else self.logits(hidden)
+        return (out, aux) if return_aux else out
