@@ -83,7 +83,7 @@ def test_masks_match_transformers(chunked):
     ref_allowed = (ref == 0).numpy() if ref.dtype != torch.bool else ref.numpy()  # (B or 1, 1, T, S)
     positions = jnp.broadcast_to(jnp.arange(SEQ), (BATCH, SEQ))
     global_mask, chunked_mask = attention_masks(positions, None, TINY_SCOUT.attention_chunk_size)
-    ours = np.asarray(chunked_mask if chunked else global_mask)[:, 0]  # (B, 1, T, S)
+    ours = np.asarray(chunked_mask if chunked else global_mask)[:, None]  # (B, 1, T, S)
     np.testing.assert_array_equal(np.broadcast_to(ours, (BATCH, 1, SEQ, SEQ)),
                                   np.broadcast_to(ref_allowed, (BATCH, 1, SEQ, SEQ)))
 

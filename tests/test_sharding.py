@@ -12,7 +12,13 @@ from jax.sharding import PartitionSpec as P
 from llama4_jax import TINY_MAVERICK, TINY_SCOUT, Llama4ForCausalLM
 from llama4_jax.model.moe import MoE
 from llama4_jax.sharding import (
-    TRAIN_RULES, MeshConfig, init_sharded, logical_to_spec, make_mesh, state_shardings, use_sharding,
+    TRAIN_RULES,
+    MeshConfig,
+    init_sharded,
+    logical_to_spec,
+    make_mesh,
+    state_shardings,
+    use_sharding,
 )
 
 # float32. Logits: max |diff| relative to max |ref|. Gradients: ||diff||_2 / ||ref||_2 — elementwise maxima of

@@ -18,43 +18,51 @@ from llama4_jax.model.layers import apply_rope, param, rms_normalize
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)  # large, finite: a masked row never yields NaN
 
 
+_QUERY_BLOCK = 512  # queries per block once T exceeds 2 blocks: score memory O(T * block), not O(T^2)
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class AttentionInputs:
     """Per-sequence tensors shared by every layer, computed once outside the layer scan.
 
     positions: (B, T) int32 positions (restart at 0 per packed document).
+    segment_ids: (B, T) int32 document ids (all 0 when not packed).
     cos, sin: (B, T, H/2) RoPE tables.
-    global_mask, chunked_mask: (B, 1, 1, T, S) bool, True where attention is allowed.
     temperature: (B, T) float32 query scale for NoPE layers (all ones when tuning is off).
     """
 
     positions: jax.Array
+    segment_ids: jax.Array
     cos: jax.Array
     sin: jax.Array
-    global_mask: jax.Array
-    chunked_mask: jax.Array
     temperature: jax.Array
 
 
-def attention_masks(positions: jax.Array, segment_ids: jax.Array | None,
-                    chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
-    """(global, chunked) masks (B, 1, 1, T, T): causal, same document, and for chunked layers the same chunk.
+def attention_mask(q_index: jax.Array, q_pos: jax.Array, q_seg: jax.Array, k_pos: jax.Array, k_seg: jax.Array,
+                   chunk_size: int | None) -> jax.Array:
+    """(B, Tq, S) bool, True where query may attend: causal on the row index, same document, and for chunked
+    layers the same chunk.
 
     Chunks are aligned to absolute positions 0, C, 2C, ... (not sliding windows), as in HF. With packed
     documents positions restart per document, so chunks align to each document's start, which makes a packed
     document compute exactly what it computes alone.
+    q_index: (Tq,) row indices of the queries; q_pos, q_seg: (B, Tq); k_pos, k_seg: (B, S).
     """
-    t = positions.shape[1]
-    idx = jnp.arange(t)
-    mask = (idx[None, :] <= idx[:, None])[None]  # causal on the row index: (1, T, S)
-    if segment_ids is not None:
-        mask = mask & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    chunked = mask
+    k_index = jnp.arange(k_pos.shape[1])
+    mask = (k_index[None, :] <= q_index[:, None])[None] & (q_seg[:, :, None] == k_seg[:, None, :])
     if chunk_size is not None:
-        chunk = positions // chunk_size
-        chunked = mask & (chunk[:, :, None] == chunk[:, None, :])
-    return mask[:, None, None], chunked[:, None, None]
+        mask = mask & (q_pos[:, :, None] // chunk_size == k_pos[:, None, :] // chunk_size)
+    return mask
+
+
+def attention_masks(positions: jax.Array, segment_ids: jax.Array | None,
+                    chunk_size: int | None) -> tuple[jax.Array, jax.Array]:
+    """(global, chunked) masks (B, T, T) for a whole sequence (tests and debugging)."""
+    seg = jnp.zeros_like(positions) if segment_ids is None else segment_ids
+    index = jnp.arange(positions.shape[1])
+    return (attention_mask(index, positions, seg, positions, seg, None),
+            attention_mask(index, positions, seg, positions, seg, chunk_size))
 
 
 def temperature_scales(positions: jax.Array, config: Llama4Config) -> jax.Array:
@@ -69,19 +77,41 @@ def temperature_scales(positions: jax.Array, config: Llama4Config) -> jax.Array:
     return jnp.log1p(jnp.floor((p + 1.0) / config.floor_scale)) * config.attn_scale + 1.0
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
-    """Softmax attention with grouped KV heads, without materialising repeated K/V.
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """q: (B, Tq, K, G, H); k, v: (B, S, K, H); mask (B, Tq, S) -> (B, Tq, K, G, H). Softmax in float32."""
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * q.shape[-1] ** -0.5
+    scores = jnp.where(mask[:, None, None], scores, _MASK_VALUE)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    return jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
 
-    q: (B, T, N, H); k, v: (B, S, K, H); mask: (B, 1, 1, T, S). Query head n reads KV head n // G, which is
-    HF's repeat_kv (repeat_interleave), not tile. Scores and softmax in float32.
+
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, inputs: AttentionInputs,
+                          chunk_size: int | None) -> jax.Array:
+    """Causal softmax attention with grouped KV heads, without materialising repeated K/V.
+
+    q: (B, T, N, H); k, v: (B, S, K, H). Query head n reads KV head n // G, which is HF's repeat_kv
+    (repeat_interleave), not tile. Long sequences run in query blocks, each rematerialised in the backward
+    pass, so the (T, S) score matrix never exists at once.
     """
     b, t, n, h = q.shape
     kv_heads = k.shape[2]
     q = q.reshape(b, t, kv_heads, n // kv_heads, h)
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
-    scores = jnp.where(mask, scores, _MASK_VALUE)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    pos, seg = inputs.positions, inputs.segment_ids
+
+    def block(q_blk, start):
+        size = q_blk.shape[1]
+        q_pos = jax.lax.dynamic_slice_in_dim(pos, start, size, axis=1)
+        q_seg = jax.lax.dynamic_slice_in_dim(seg, start, size, axis=1)
+        mask = attention_mask(start + jnp.arange(size), q_pos, q_seg, pos, seg, chunk_size)
+        return _attend(q_blk, k, v, mask)
+
+    if t <= 2 * _QUERY_BLOCK or t % _QUERY_BLOCK:
+        out = block(q, 0)
+    else:
+        blocks = q.reshape(b, t // _QUERY_BLOCK, _QUERY_BLOCK, *q.shape[2:]).swapaxes(0, 1)
+        starts = jnp.arange(t // _QUERY_BLOCK) * _QUERY_BLOCK
+        out = jax.lax.map(lambda xs: jax.checkpoint(block)(*xs), (blocks, starts))
+        out = out.swapaxes(0, 1)
     return out.reshape(b, t, n, h)
 
 
@@ -92,6 +122,7 @@ class Attention(nnx.Module):
         self.spec = spec
         self.eps = config.rms_norm_eps
         self.use_qk_norm = config.use_qk_norm and spec.use_rope  # QK norm only on RoPE layers
+        self.chunk_size = config.attention_chunk_size
         d, n, kv, h = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
         std = config.initializer_range
         self.q_proj = param(rngs, (d, n, h), ("embed", "q_heads", "head_dim"), std=std, dtype=param_dtype)
@@ -123,8 +154,7 @@ class Attention(nnx.Module):
         else:
             # NoPE layers: temperature tuning scales the queries; no RoPE, no QK norm.
             q = (q.astype(jnp.float32) * inputs.temperature[:, :, None, None]).astype(dtype)
-        mask = inputs.chunked_mask if self.spec.chunked else inputs.global_mask
-        out = dot_product_attention(q, k, v, mask)
+        out = dot_product_attention(q, k, v, inputs, self.chunk_size if self.spec.chunked else None)
         y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))
         if self.attention_bias:
             y = y + self.o_bias[...].astype(dtype)

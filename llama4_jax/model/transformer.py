@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from llama4_jax.config import LayerSpec, Llama4Config
-from llama4_jax.model.attention import Attention, AttentionInputs, attention_masks, temperature_scales
+from llama4_jax.model.attention import Attention, AttentionInputs, temperature_scales
 from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq
 from llama4_jax.model.moe import MoE
 from llama4_jax.sharding import constrain
@@ -137,9 +137,10 @@ class Llama4TextModel(nnx.Module):
                 positions = jnp.broadcast_to(jnp.arange(shape[1], dtype=jnp.int32), shape)
         inv_freq = rope_inv_freq(config.head_dim, config.rope_theta, config.rope_scaling)
         cos, sin = rope_angles(positions, inv_freq)
-        global_mask, chunked_mask = attention_masks(positions, segment_ids, config.attention_chunk_size)
-        return AttentionInputs(positions=positions, cos=cos, sin=sin, global_mask=global_mask,
-                               chunked_mask=chunked_mask, temperature=temperature_scales(positions, config))
+        if segment_ids is None:
+            segment_ids = jnp.zeros(shape, jnp.int32)
+        return AttentionInputs(positions=positions, segment_ids=segment_ids, cos=cos, sin=sin,
+                               temperature=temperature_scales(positions, config))
 
     def _run_blocks(self, h: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         graphdef, state = nnx.split(self.blocks)
