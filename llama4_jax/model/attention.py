@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama4_jax import loops
 from llama4_jax.config import LayerSpec, Llama4Config
 from llama4_jax.model.layers import apply_rope, param, rms_normalize
 
@@ -110,7 +111,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, inputs: Atte
     else:
         blocks = q.reshape(b, t // _QUERY_BLOCK, _QUERY_BLOCK, *q.shape[2:]).swapaxes(0, 1)
         starts = jnp.arange(t // _QUERY_BLOCK) * _QUERY_BLOCK
-        out = jax.lax.map(lambda xs: jax.checkpoint(block)(*xs), (blocks, starts))
+        out = loops.block_map(lambda xs: jax.checkpoint(block)(*xs), (blocks, starts))
         out = out.swapaxes(0, 1)
     return out.reshape(b, t, n, h)
 

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from llama4_jax import loops
 from llama4_jax.config import LayerSpec, Llama4Config
 from llama4_jax.model.attention import Attention, AttentionInputs, temperature_scales
 from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq
@@ -21,6 +22,14 @@ from llama4_jax.model.moe import MoE
 from llama4_jax.sharding import constrain
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
+
+# What the backward pass keeps of each block's forward: "full" recomputes everything but the block input,
+# "dots" keeps matmul outputs without batch dims (weights-side products), "none" keeps everything.
+REMAT_POLICIES = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "none": None,
+}
 
 
 class DecoderLayer(nnx.Module):
@@ -97,10 +106,13 @@ class Llama4TextModel(nnx.Module):
 
     def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
                  dtype: jnp.dtype = jnp.float32, scan_layers: bool = True, moe_impl: str = "dispatch",
-                 gmm_backend: str | None = None, capacity_factor: float | None = None):
+                 gmm_backend: str | None = None, capacity_factor: float | None = None, remat: str = "none"):
+        if remat not in REMAT_POLICIES:
+            raise ValueError(f"remat must be one of {sorted(REMAT_POLICIES)}, got {remat!r}")
         self.config = config
         self.dtype = dtype
         self.capacity_factor = capacity_factor
+        self.remat = remat
         self.scan_layers = scan_layers
         self.moe_impl = moe_impl
         self.gmm_backend = gmm_backend
@@ -150,8 +162,10 @@ class Llama4TextModel(nnx.Module):
             with jax.named_scope("block"):
                 return nnx.merge(graphdef, block_state)(h, inputs, **kwargs)
 
+        if self.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         if self.scan_layers:
-            h, stats = jax.lax.scan(body, h, state)
+            h, stats = loops.scan(body, h, state)
         else:
             per_block = []
             for i in range(self.config.num_blocks):
@@ -173,11 +187,11 @@ class Llama4ForCausalLM(nnx.Module):
 
     def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype = jnp.float32,
                  dtype: jnp.dtype = jnp.float32, scan_layers: bool = True, moe_impl: str = "dispatch",
-                 gmm_backend: str | None = None, capacity_factor: float | None = None):
+                 gmm_backend: str | None = None, capacity_factor: float | None = None, remat: str = "none"):
         self.config = config
         self.model = Llama4TextModel(config, rngs=rngs, param_dtype=param_dtype, dtype=dtype,
                                      scan_layers=scan_layers, moe_impl=moe_impl, gmm_backend=gmm_backend,
-                                     capacity_factor=capacity_factor)
+                                     capacity_factor=capacity_factor, remat=remat)
         if not config.tie_word_embeddings:
             self.lm_head = param(rngs, (config.hidden_size, config.vocab_size), ("embed", "vocab"),
                                  std=config.initializer_range, dtype=param_dtype)

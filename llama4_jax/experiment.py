@@ -1,0 +1,130 @@
+"""Experiment configs: frozen dataclasses composed from the model presets, loaded from experiments/*.py.
+
+An experiment file defines `EXPERIMENT = ExperimentConfig(...)`. `--set section.field=value` overrides
+are applied with the field's type; an unknown key is an error naming close matches.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import importlib.util
+import pathlib
+import types
+import typing
+from typing import Any
+
+from llama4_jax.config import PRESETS, Llama4Config
+from llama4_jax.sharding import MeshConfig
+from llama4_jax.train.optim import OptimConfig
+
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    batch_size: int = 8  # global sequences per optimizer step
+    seq_len: int = 256
+    steps: int = 100
+    param_dtype: str = "float32"  # master weights
+    compute_dtype: str = "bfloat16"
+    remat: str = "full"
+    capacity_factor: float | None = None  # expert-parallel MoE; None = dropless
+    load_balance_coef: float = 0.0  # off by default: the forward stays exactly Llama 4
+    router_z_coef: float = 0.0
+    seed: int = 0
+
+    def __post_init__(self):
+        for name in ("param_dtype", "compute_dtype"):
+            if getattr(self, name) not in DTYPES:
+                raise ValueError(f"train.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
+        for name in ("batch_size", "seq_len", "steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ExperimentConfig:
+    name: str
+    model: Llama4Config
+    train: TrainConfig = TrainConfig()
+    optim: OptimConfig = OptimConfig()
+    mesh: MeshConfig = MeshConfig()
+    teacher: Llama4Config | None = None  # frozen teacher for distillation (same vocabulary)
+    teacher_param_dtype: str = "bfloat16"
+
+    def __post_init__(self):
+        if self.teacher is not None and self.teacher.vocab_size != self.model.vocab_size:
+            raise ValueError(f"teacher.vocab_size ({self.teacher.vocab_size}) must equal model.vocab_size "
+                             f"({self.model.vocab_size})")
+
+
+def load_experiment(path: str | pathlib.Path, overrides: list[str] = ()) -> ExperimentConfig:
+    """Import an experiment file and apply `section.field=value` overrides."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        names = sorted(p.name for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
+        raise ValueError(f"experiment file {path} does not exist" + (f"; found {names}" if names else ""))
+    spec = importlib.util.spec_from_file_location(f"llama4_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    experiment = getattr(module, "EXPERIMENT", None)
+    if not isinstance(experiment, ExperimentConfig):
+        raise ValueError(f"{path} must define EXPERIMENT = ExperimentConfig(...)")
+    return apply_overrides(experiment, overrides)
+
+
+def apply_overrides(config: Any, overrides: list[str]) -> Any:
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"override {item!r} must look like section.field=value")
+        config = _set(config, key.split("."), raw, key)
+    return config
+
+
+def _set(config: Any, keys: list[str], raw: str, full_key: str) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(config)}
+    name = keys[0]
+    if name not in fields:
+        close = difflib.get_close_matches(name, fields, n=3)
+        hint = f"; did you mean {', '.join(close)}?" if close else f"; known: {sorted(fields)}"
+        raise ValueError(f"unknown config key {full_key!r}{hint}")
+    current = getattr(config, name)
+    if len(keys) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full_key!r}: {name} is not a section")
+        return dataclasses.replace(config, **{name: _set(current, keys[1:], raw, full_key)})
+    hints = typing.get_type_hints(type(config))
+    return dataclasses.replace(config, **{name: _parse(raw, hints[name], full_key)})
+
+
+def _parse(raw: str, annotation: Any, key: str) -> Any:
+    """Parse an override value for a field of type `annotation` (int, float, str, bool, None, presets)."""
+    args = typing.get_args(annotation)
+    is_optional = type(None) in args
+    if is_optional and raw.lower() in ("none", "null"):
+        return None
+    base = next((a for a in args if a is not type(None)), annotation) if args else annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        base = next(a for a in args if a is not type(None))
+    if base is Llama4Config:
+        if raw not in PRESETS:
+            raise ValueError(f"{key}: unknown preset {raw!r}; presets: {sorted(PRESETS)}")
+        return PRESETS[raw]
+    try:
+        if base is bool:
+            if raw.lower() not in ("true", "false", "1", "0"):
+                raise ValueError(raw)
+            return raw.lower() in ("true", "1")
+        if base is str:
+            return raw
+        value = ast.literal_eval(raw)
+        if base is float and isinstance(value, int):
+            value = float(value)
+        if not isinstance(value, base) or isinstance(value, bool):
+            raise ValueError(raw)
+        return value
+    except (ValueError, SyntaxError):
+        raise ValueError(f"{key}: expected {getattr(base, '__name__', base)}, got {raw!r}") from None
