@@ -6,6 +6,8 @@ import argparse
 import sys
 import time
 
+from llama4_jax.convert.cli import add_convert_parser
+
 
 def _demo(args: argparse.Namespace) -> int:
     import jax
@@ -58,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seq-len", type=int, default=8192, help="sequence length for the FLOPs column")
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
+    add_convert_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
