@@ -41,7 +41,10 @@ TRAIN_RULES: Rules = (
     ("act_mlp", "tensor"),
     ("act_vocab", "tensor"),
     ("vocab", "tensor"),
-    ("embed", "fsdp"),
+    # ZeRO-3 over every data-like axis that is not already used by the tensor: dense weights shard their
+    # embed dim over fsdp and expert; expert weights (whose expert dim takes the expert axis) over fsdp only.
+    ("embed", ("fsdp", "expert")),
+    ("expert_embed", "fsdp"),
     ("mlp", "tensor"),
     ("q_heads", "tensor"),
     ("kv_heads", "tensor"),

@@ -82,14 +82,14 @@ def test_parameters_sharded_from_birth_follow_the_rules():
     model = init_sharded(lambda: Llama4ForCausalLM(CONFIG, rngs=nnx.Rngs(0)), mesh)
     layer = model.model.blocks.layers[0]
     expected = {
-        "embed": (model.model.embed_tokens, P("tensor", "fsdp")),
+        "embed": (model.model.embed_tokens, P("tensor", ("fsdp", "expert"))),
         "gate_up": (layer.feed_forward.experts.gate_up_proj, P(None, "expert", "fsdp", None, "tensor")),
         "down": (layer.feed_forward.experts.down_proj, P(None, "expert", "tensor", "fsdp")),
-        "q": (layer.self_attn.q_proj, P(None, "fsdp", "tensor", None)),
-        "o": (layer.self_attn.o_proj, P(None, "tensor", None, "fsdp")),
-        "router": (layer.feed_forward.router, P(None, "fsdp", None)),
+        "q": (layer.self_attn.q_proj, P(None, ("fsdp", "expert"), "tensor", None)),
+        "o": (layer.self_attn.o_proj, P(None, "tensor", None, ("fsdp", "expert"))),
+        "router": (layer.feed_forward.router, P(None, ("fsdp", "expert"), None)),
         "norm": (layer.input_layernorm.weight, P(None, None)),
-        "lm_head": (model.lm_head, P("fsdp", "tensor")),
+        "lm_head": (model.lm_head, P(("fsdp", "expert"), "tensor")),
     }
     for name, (variable, spec) in expected.items():
         assert variable[...].sharding.spec == spec, name

@@ -29,8 +29,8 @@ from jax.sharding import Mesh, PartitionSpec
 from llama4_jax.model.grouped_matmul import grouped_matmul
 from llama4_jax.sharding import Rules, as_tuple, logical_to_spec
 
-GATE_UP_AXES = ("exp", "embed", None, "mlp")
-DOWN_AXES = ("exp", "mlp", "embed")
+GATE_UP_AXES = ("exp", "expert_embed", None, "mlp")
+DOWN_AXES = ("exp", "mlp", "expert_embed")
 
 
 def _capacity(assignments: int, ranks: int, capacity_factor: float | None) -> int:
@@ -76,7 +76,7 @@ class MoEAxes:
     """Mesh axes the routed experts use, read from the sharding rules (so shard_map specs match the table)."""
 
     expert: str | None  # rule for "exp"
-    fsdp: tuple[str, ...]  # rule for "embed": expert weights are gathered over these
+    fsdp: tuple[str, ...]  # rule for "expert_embed": expert weights are gathered over these
     tensor: tuple[str, ...]  # rule for "mlp": partial sums over the F slices
     tokens: tuple[str, ...]  # rule for "batch"
 
@@ -86,7 +86,7 @@ class MoEAxes:
         expert = as_tuple(table.get("exp"))
         if len(expert) > 1:
             raise ValueError(f"the 'exp' sharding rule must name at most one mesh axis, got {expert}")
-        return cls(expert=expert[0] if expert else None, fsdp=as_tuple(table.get("embed")),
+        return cls(expert=expert[0] if expert else None, fsdp=as_tuple(table.get("expert_embed")),
                    tensor=as_tuple(table.get("mlp")), tokens=as_tuple(table.get("batch")))
 
 

@@ -44,8 +44,11 @@ class Experts(nnx.Module):
     def __init__(self, config: Llama4Config, *, rngs: nnx.Rngs, param_dtype: jnp.dtype):
         e, d, f = config.num_local_experts, config.hidden_size, config.intermediate_size
         std = config.initializer_range
-        self.gate_up_proj = param(rngs, (e, d, 2, f), ("exp", "embed", None, "mlp"), std=std, dtype=param_dtype)
-        self.down_proj = param(rngs, (e, f, d), ("exp", "mlp", "embed"), std=std, dtype=param_dtype)
+        # "expert_embed", not "embed": the rules shard other weights' embed dim over the expert axis too, and
+        # expert weights already use that axis for their expert dim.
+        self.gate_up_proj = param(rngs, (e, d, 2, f), ("exp", "expert_embed", None, "mlp"), std=std,
+                                  dtype=param_dtype)
+        self.down_proj = param(rngs, (e, f, d), ("exp", "mlp", "expert_embed"), std=std, dtype=param_dtype)
 
     def dispatched(self, x: jax.Array, top_experts: jax.Array, scores: jax.Array, backend: str | None) -> jax.Array:
         """Sum over the chosen experts of expert_e(score_e * x), computing only chosen (token, expert) pairs."""
