@@ -53,6 +53,30 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _plan(args: argparse.Namespace) -> int:
+    import os
+
+    os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the TPU slice; run nothing on a device here
+    from llama4_jax.experiment import load_experiment
+    from llama4_jax.plan import format_report, param_count_line, plan
+
+    experiment = load_experiment(args.experiment, args.overrides)
+    print(param_count_line(experiment))
+    report = plan(experiment, args.topology, count_flops=not args.no_flops)
+    print(format_report(report))
+    return 0 if report.fits else 1
+
+
+def _add_plan_parser(sub) -> None:
+    plan = sub.add_parser("plan", help="compile an experiment's training step for a TPU slice; exit 0 if it fits")
+    plan.add_argument("experiment", help="experiments/NAME.py")
+    plan.add_argument("--topology", required=True, help="TPU slice, e.g. v5p-8, v5p-256, v5e-16, v6e-64")
+    plan.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a config field, e.g. train.batch_size=64 (repeatable)")
+    plan.add_argument("--no-flops", action="store_true", help="skip the FLOP-counting compiles (memory only)")
+    plan.set_defaults(func=_plan)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama4-jax", description="Llama 4 in JAX / Flax NNX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -61,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--seed", type=int, default=0)
     demo.set_defaults(func=_demo)
     add_convert_parser(sub)
+    _add_plan_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 
