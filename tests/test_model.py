@@ -118,3 +118,16 @@ def test_query_blocked_attention_equals_full_attention(chunk_size):
     grad = lambda f: jax.grad(lambda *a: jnp.sum(jnp.sin(f(*a))), argnums=(0, 1, 2))(q, kk, v)
     for a, r in zip(grad(blocked), grad(full)):
         np.testing.assert_allclose(a, r, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_gradients(remat):
+    ids = _ids(TINY_SCOUT, 2, 16)
+
+    def grads(model):
+        graphdef, params = nnx.split(model, nnx.Param)
+        return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(ids) ** 2)))(params)
+
+    plain, rematerialised = grads(_model(TINY_SCOUT)), grads(_model(TINY_SCOUT, remat=remat))
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))

@@ -92,10 +92,12 @@ class MoEAxes:
 
 def _shard_body(x, top_experts, scores, gate_up, down, *, axes: MoEAxes, capacity_factor, backend):
     ranks = jax.lax.axis_size(axes.expert) if axes.expert else 1
+    # Cast before gathering: the gathered copy (and its gradient before the reduce-scatter) is then in the
+    # compute dtype, half the bytes of float32 master weights.
+    gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     if axes.fsdp:
         gate_up = jax.lax.all_gather(gate_up, axes.fsdp, axis=1, tiled=True)
         down = jax.lax.all_gather(down, axes.fsdp, axis=2, tiled=True)
-    gate_up, down = gate_up.astype(x.dtype), down.astype(x.dtype)
     t, k = top_experts.shape
     capacity = _capacity(t * k, ranks, capacity_factor)
     send, ids, (order, dest, slot, kept) = _pack(x, top_experts, scores, gate_up.shape[0], ranks, capacity)

@@ -23,8 +23,9 @@ from llama4_jax.sharding import constrain
 
 RESIDUAL_AXES = ("batch", "length", "act_embed")
 
-# What the backward pass keeps of each block's forward: "full" recomputes everything but the block input,
-# "dots" keeps matmul outputs without batch dims (weights-side products), "none" keeps everything.
+# What the backward pass keeps of each decoder layer's forward: "full" recomputes everything but the layer
+# input, "dots" keeps matmul outputs without batch dims (weights-side products), "none" keeps everything.
+# Per layer rather than per 4-layer block, so the backward's working set is one layer's activations.
 REMAT_POLICIES = {
     "full": jax.checkpoint_policies.nothing_saveable,
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
@@ -66,11 +67,15 @@ class Block(nnx.Module):
         specs = config.layer_specs[: config.block_size]
         self.layers = nnx.List([DecoderLayer(config, s, rngs=rngs, param_dtype=param_dtype) for s in specs])
 
-    def __call__(self, h: jax.Array, inputs: AttentionInputs, **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
+    def __call__(self, h: jax.Array, inputs: AttentionInputs, *, remat: str = "none",
+                 **kwargs) -> tuple[jax.Array, dict[str, jax.Array]]:
         """Returns h and the MoE layers' router stats stacked in layer order ({} if the block has none)."""
         stats = []
         for layer in self.layers:
-            h, layer_stats = layer(h, inputs, **kwargs)
+            run = lambda layer, h, inputs: layer(h, inputs, **kwargs)
+            if remat != "none":
+                run = nnx.remat(run, policy=REMAT_POLICIES[remat])
+            h, layer_stats = run(layer, h, inputs)
             if layer_stats is not None:
                 stats.append(layer_stats)
         return h, (jax.tree.map(lambda *xs: jnp.stack(xs), *stats) if stats else {})
@@ -156,14 +161,13 @@ class Llama4TextModel(nnx.Module):
 
     def _run_blocks(self, h: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, dict[str, jax.Array]]:
         graphdef, state = nnx.split(self.blocks)
-        kwargs = dict(moe_impl=self.moe_impl, gmm_backend=self.gmm_backend, capacity_factor=self.capacity_factor)
+        kwargs = dict(moe_impl=self.moe_impl, gmm_backend=self.gmm_backend, capacity_factor=self.capacity_factor,
+                      remat=self.remat)
 
         def body(h, block_state):
             with jax.named_scope("block"):
                 return nnx.merge(graphdef, block_state)(h, inputs, **kwargs)
 
-        if self.remat != "none":
-            body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat], prevent_cse=not self.scan_layers)
         if self.scan_layers:
             h, stats = loops.scan(body, h, state)
         else:
