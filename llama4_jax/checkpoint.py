@@ -1,9 +1,9 @@
 """Orbax checkpoints of a model's parameters, restored sharded from birth; the config rides in the metadata.
 
-Layout (Orbax v1): a pytree {"params": <nnx.to_pure_dict of the nnx.Param state>} and custom metadata
-{"llama4_config": Llama4Config.to_hf()}. Writing goes through Orbax partial saves, so a converter can add
-parameters one at a time (`ParamWriter`) and hold only one in memory; reading can restore one parameter
-(`read_param`) or the whole model onto a mesh (`restore_model`).
+Layout (Orbax v1 API): a pytree {"params": <the nnx.Param state as a nested dict, as nnx.to_pure_dict gives>}
+and custom metadata {"llama4_config": Llama4Config.to_hf()}. Writing goes through Orbax partial saves, so a
+converter can add parameters a few at a time (`ParamWriter`) and hold only those in memory; reading can
+restore chosen parameters to the host (`ParamReader`) or the whole model onto a mesh (`restore_model`).
 """
 
 from __future__ import annotations

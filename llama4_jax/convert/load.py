@@ -32,13 +32,12 @@ from llama4_jax.model import Llama4ForCausalLM
 from llama4_jax.sharding import TRAIN_RULES, Rules, state_shardings
 
 IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # vision tower of multimodal checkpoints
-_CONFIG_DTYPES = {"float32": np.float32, "bfloat16": st.DTYPES["BF16"], "float16": np.float16}
 
 
 @dataclasses.dataclass(frozen=True)
 class HFCheckpoint:
     """A checked Hugging Face checkpoint: its config, name prefix, where each tensor lies, and the dtype
-    its weights are stored in (config.json `dtype`/`torch_dtype`, else the embedding's)."""
+    its weights are stored in."""
 
     directory: Path
     config: Llama4Config
@@ -61,7 +60,7 @@ def open_hf(path: str | Path) -> HFCheckpoint:
     if not path.is_dir():
         raise ValueError(f"{path}: expected a Hugging Face checkpoint directory (config.json + *.safetensors)")
     problems: list[str] = []
-    config, hf_config = _read_config(path, problems)
+    config = _read_config(path, problems)
     tensors, file_problems = st.open_directory(path)
     problems += file_problems
     prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in tensors) else TEXT_PREFIX
@@ -69,25 +68,22 @@ def open_hf(path: str | Path) -> HFCheckpoint:
         problems += _check_tensors(config, prefix, tensors)
     if problems:
         lines = "\n  - ".join(problems)
-        raise ValueError(f"cannot load the Hugging Face checkpoint at {path} ({len(problems)} problems):\n  - {lines}")
-    return HFCheckpoint(path, config, prefix, tensors, _stored_dtype(hf_config, tensors, prefix))
+        count = f"{len(problems)} problem{'s' if len(problems) > 1 else ''}"
+        raise ValueError(f"cannot load the Hugging Face checkpoint at {path} ({count}):\n  - {lines}")
+    return HFCheckpoint(path, config, prefix, tensors, _stored_dtype(tensors, prefix))
 
 
-def _read_config(path: Path, problems: list[str]) -> tuple[Llama4Config | None, dict]:
+def _read_config(path: Path, problems: list[str]) -> Llama4Config | None:
     file = path / "config.json"
     try:
-        hf_config = json.loads(file.read_text())
+        return Llama4Config.from_hf(json.loads(file.read_text()))
     except FileNotFoundError:
         problems.append(f"{file}: missing")
-        return None, {}
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         problems.append(f"{file}: not valid JSON ({e})")
-        return None, {}
-    try:
-        return Llama4Config.from_hf(hf_config), hf_config
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError) as e:  # fields we cannot honour (Llama4Config.from_hf names them)
         problems.append(f"{file}: {e}")
-        return None, hf_config
+    return None
 
 
 def _check_tensors(config: Llama4Config, prefix: str, tensors: dict[str, st.TensorInfo]) -> list[str]:
@@ -113,12 +109,9 @@ def _check_tensors(config: Llama4Config, prefix: str, tensors: dict[str, st.Tens
     return problems
 
 
-def _stored_dtype(hf_config: dict, tensors: dict[str, st.TensorInfo], prefix: str) -> np.dtype:
-    text = hf_config.get("text_config", hf_config)
-    for config in (text, hf_config):
-        name = config.get("dtype") or config.get("torch_dtype")
-        if name in _CONFIG_DTYPES:
-            return np.dtype(_CONFIG_DTYPES[name])
+def _stored_dtype(tensors: dict[str, st.TensorInfo], prefix: str) -> np.dtype:
+    """The dtype the weights are stored in (the embedding's), rather than config.json's `dtype`, which
+    is only what transformers casts to: keeping the stored dtype makes round trips bit for bit."""
     return st.DTYPES[tensors[f"{prefix}model.embed_tokens.weight"].dtype]
 
 
@@ -216,7 +209,3 @@ def load_hf(path: str | Path, *, mesh: Mesh | None = None, dtype=None, rules: Ru
         loaded.append((p, variable.replace(array)))
     return nnx.merge(graphdef, nnx.from_flat_state(loaded))
 
-
-def largest_tensor_bytes(checkpoint: HFCheckpoint) -> int:
-    """Bytes of the largest tensor in the checkpoint (the unit a streamed conversion holds)."""
-    return max(math.prod(t.shape) * st.DTYPES[t.dtype].itemsize for t in checkpoint.tensors.values())

@@ -139,28 +139,29 @@ def open_directory(directory: Path) -> tuple[dict[str, TensorInfo], list[str]]:
             return {}, [f"{directory}: no .safetensors files{found}. llama4_jax never loads pickle checkpoints "
                         "(unpickling can run arbitrary code); convert them to safetensors first"]
     tensors: dict[str, TensorInfo] = {}
+    readable = set()
     for name in files:
         file = directory / name
-        if Path(name).suffix in PICKLE_SUFFIXES or not name.endswith(".safetensors"):
-            problems.append(f"{file}: not a .safetensors file; pickle checkpoints are never loaded")
+        if not name.endswith(".safetensors"):
+            problems.append(f"{file}: not a .safetensors file (pickle checkpoints are never loaded)")
             continue
         if not file.is_file():
             problems.append(f"{file}: missing (listed in {INDEX_FILE})")
             continue
         try:
             found, _ = read_header(file)
-        except ValueError as e:
-            problems.append(str(e))
+        except (ValueError, OSError) as e:
+            problems.append(str(e) if isinstance(e, ValueError) else f"{file}: cannot be read ({e})")
             continue
+        readable.add(name)
         for key, info in found.items():
             if key in tensors:
                 problems.append(f"{file}: tensor {key!r} also appears in {tensors[key].file.name}")
             elif weight_map is None or weight_map.get(key) == name:
                 tensors[key] = info
-    if weight_map is not None:
-        for key, name in weight_map.items():
-            if key not in tensors and (directory / name).is_file() and not any(name in p for p in problems):
-                problems.append(f"{directory / name}: has no tensor {key!r}, which {INDEX_FILE} maps to it")
+    for key, name in (weight_map or {}).items():
+        if key not in tensors and name in readable:
+            problems.append(f"{directory / name}: has no tensor {key!r}, which {INDEX_FILE} maps to it")
     return tensors, problems
 
 
@@ -210,7 +211,7 @@ class SafetensorsWriter:
         raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as the reference writer does
         self._data_start = 8 + len(raw)
         self.file = Path(file)
-        self._fd = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        self._fd: int | None = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         self._pending = set(self._slots)
         self._write_at(memoryview(struct.pack("<Q", len(raw)) + raw), 0)
         os.ftruncate(self._fd, self._data_start + position)
@@ -233,15 +234,16 @@ class SafetensorsWriter:
 
     def close(self) -> None:
         """Checks that every planned tensor was written, then syncs the file to disk."""
-        try:
-            if self._pending:
-                raise ValueError(f"{self.file}: tensors never written: {sorted(self._pending)}")
-            os.fsync(self._fd)
-        finally:
-            os.close(self._fd)
+        if self._pending:
+            raise ValueError(f"{self.file}: tensors never written: {sorted(self._pending)}")
+        os.fsync(self._fd)
+        self.abort()
 
     def abort(self) -> None:
-        os.close(self._fd)
+        """Closes the file without checks (idempotent); the caller deletes it."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
 
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(([KMGT])(I?)B?|B?)\s*$", re.IGNORECASE)

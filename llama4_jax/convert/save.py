@@ -72,13 +72,14 @@ def write_hf(config: Llama4Config, shapes: dict[tuple, tuple[tuple[int, ...], np
     with atomic_directory(path, overwrite=overwrite) as tmp, \
             tqdm(total=total, unit="B", unit_scale=True, desc="export", disable=not progress) as bar:
         writers, weight_map = {}, {}
-        for i, shard in enumerate(shards):
-            name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            writer = st.SafetensorsWriter(tmp / name, [(e.hf_name, c, s) for e, c, s, _ in shard], {"format": "pt"})
-            writers.update({e.hf_name: writer for e, *_ in shard})
-            weight_map.update({e.hf_name: name for e, *_ in shard})
-        by_param = _by_param(plan)
         try:
+            for i, shard in enumerate(shards):
+                name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+                writer = st.SafetensorsWriter(tmp / name, [(e.hf_name, c, s) for e, c, s, _ in shard],
+                                              {"format": "pt"})
+                writers.update({e.hf_name: writer for e, *_ in shard})
+                weight_map.update({e.hf_name: name for e, *_ in shard})
+            by_param = _by_param(plan)
             for batch in batches(shapes, BATCH_BYTES, order=list(by_param)):
                 values = source(batch)
                 for entry, code, hf_shape, nbytes in (item for path in batch for item in by_param[path]):
@@ -87,12 +88,11 @@ def write_hf(config: Llama4Config, shapes: dict[tuple, tuple[tuple[int, ...], np
                     bar.update(nbytes)
                 del values
                 release_freed_memory()
-        except BaseException:
-            for writer in set(writers.values()):
-                writer.abort()
-            raise
-        for writer in dict.fromkeys(writers.values()):
-            writer.close()
+            for writer in dict.fromkeys(writers.values()):
+                writer.close()
+        finally:
+            for writer in dict.fromkeys(writers.values()):
+                writer.abort()  # no-op for closed writers; the temporary directory is then removed
         num_params = sum(int(np.prod(s)) for _, _, s, _ in plan)
         write_json(tmp / st.INDEX_FILE, {"metadata": {"total_size": total, "total_parameters": num_params},
                                          "weight_map": weight_map})
