@@ -91,7 +91,7 @@ class ParamReader:
     """
 
     def __init__(self, directory: str | os.PathLike):
-        self.directory = directory
+        self.directory = directory = Path(directory).absolute()  # Orbax refuses relative paths
         metadata = ocp.metadata(directory)
         custom = metadata.custom_metadata or {}
         if CONFIG_KEY not in custom:
@@ -137,7 +137,7 @@ def restore_model(directory: str | os.PathLike, *, mesh: Mesh | None = None, rul
     for p, v in flat:
         _nest_into(target, p, jax.ShapeDtypeStruct(v.shape, stored[p][1], sharding=shardings[p]))
     with _context():
-        restored = ocp.load(directory, {PARAMS_KEY: target})[PARAMS_KEY]
+        restored = ocp.load(reader.directory, {PARAMS_KEY: target})[PARAMS_KEY]
     return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(_lookup(restored, p))) for p, v in flat]))
 
 

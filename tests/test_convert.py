@@ -249,12 +249,13 @@ def test_streamed_orbax_checkpoint_restores_to_the_same_model(tmp_path):
     np.testing.assert_array_equal(np.asarray(restore_model(tmp_path / "ckpt")(ids)), np.asarray(load_hf(src)(ids)))
 
 
-def test_cli_convert_both_directions(tmp_path, capsys):
+def test_cli_convert_both_directions(tmp_path, capsys, monkeypatch):
     src = _hf_checkpoint(tmp_path / "hf", MAVERICK_LIKE.replace(tie_word_embeddings=True), torch.bfloat16)
     (src / "tokenizer.json").write_text("{}")
-    assert llama4_jax.cli.main(["convert", str(src), str(tmp_path / "ckpt"), "--no-progress"]) == 0
-    assert llama4_jax.cli.main(["convert", str(tmp_path / "ckpt"), str(tmp_path / "back"), "--no-progress",
-                                "--max-shard-size", "200KB", "--tokenizer", str(src)]) == 0
+    monkeypatch.chdir(tmp_path)  # relative paths, as typed on a command line
+    assert llama4_jax.cli.main(["convert", "hf", "ckpt", "--no-progress"]) == 0
+    assert llama4_jax.cli.main(["convert", "ckpt", "back", "--no-progress", "--max-shard-size", "200KB",
+                                "--tokenizer", "hf"]) == 0
     out = capsys.readouterr().out
     assert out.count("tensors,") == 2 and "GB in" in out and "peak RSS" in out
     _assert_same_tensors(src, tmp_path / "back")

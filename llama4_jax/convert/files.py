@@ -56,7 +56,7 @@ def atomic_directory(path: str | os.PathLike, *, overwrite: bool = False, inner:
     filesystem (atomic). An existing non-empty `path` is refused unless `overwrite`, and then replaced only
     after the new directory is complete.
     """
-    path = Path(path)
+    path = Path(path).absolute()  # Orbax refuses relative paths
     check_destination(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
