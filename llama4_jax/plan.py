@@ -79,6 +79,8 @@ def topology_devices(topology: Topology) -> list:
     # libtpu probes the host for a TPU unless told what to expect; these keep it quiet on a CPU host.
     os.environ.setdefault("TPU_ACCELERATOR_TYPE", topology.name.replace("v5litepod", "v5e"))
     os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+    # Describing a topology needs no chip, so several processes (parallel plans, tests) may load libtpu.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
     from jax.experimental import topologies
 
     return list(topologies.get_topology_desc(platform="tpu", topology_name=topology.libtpu_name).devices)

@@ -27,7 +27,10 @@ def test_scanned_and_unscanned_stacks_give_identical_logits(config):
     ids = _ids(config, 2, 24)
     a, b = jax.jit(lambda m, x: m(x))(scanned, ids), jax.jit(lambda m, x: m(x))(unscanned, ids)
     assert float(jnp.abs(a).max()) > 1.0
-    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    if jax.default_backend() == "cpu":
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    else:  # GPU kernels fuse the loop body and the unrolled layers differently (seen on an H200: ~1e-7)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-6 * float(jnp.abs(b).max()))
 
 
 def test_document_positions_restart():
@@ -129,5 +132,8 @@ def test_remat_keeps_gradients(remat):
         return jax.jit(jax.grad(lambda p: jnp.sum(nnx.merge(graphdef, p)(ids) ** 2)))(params)
 
     plain, rematerialised = grads(_model(TINY_SCOUT)), grads(_model(TINY_SCOUT, remat=remat))
+    # Norm-relative, as for sharded gradients (tests/test_sharding.py): on an H200 a few elements of the
+    # rematerialised float32 gradient differ by 1.7e-5 of their value (reduction order), none on CPU.
     for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(rematerialised)):
-        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6 * float(jnp.abs(b).max()))
+        a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+        assert np.linalg.norm(a - b) <= 1e-5 * np.linalg.norm(b)
