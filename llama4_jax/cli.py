@@ -67,6 +67,32 @@ def _plan(args: argparse.Namespace) -> int:
     return 0 if report.fits else 1
 
 
+def _train(args: argparse.Namespace) -> int:
+    from llama4_jax.experiment import load_experiment
+    from llama4_jax.train.loop import train
+
+    experiment = load_experiment(args.experiment, args.overrides)
+    workdir = args.workdir or f"runs/{experiment.name}"
+    result = train(experiment, workdir, progress=not args.no_progress)
+    state = "preempted (SIGTERM): saved" if result.preempted else "finished"
+    print(f"{state} at step {result.step}")
+    print(f"  checkpoints: {result.checkpoints}")
+    print(f"  metrics:     {result.metrics} and {result.workdir / 'tensorboard'}")
+    if result.plot:
+        print(f"  loss plot:   {result.plot}")
+    return 0
+
+
+def _add_train_parser(sub) -> None:
+    train = sub.add_parser("train", help="train an experiment (resumes from the latest checkpoint in --workdir)")
+    train.add_argument("experiment", help="experiments/NAME.py")
+    train.add_argument("--workdir", help="checkpoints, metrics and plots (default runs/NAME)")
+    train.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. optim.lr=3e-4 (repeatable)")
+    train.add_argument("--no-progress", action="store_true")
+    train.set_defaults(func=_train)
+
+
 def _add_plan_parser(sub) -> None:
     plan = sub.add_parser("plan", help="compile an experiment's training step for a TPU slice; exit 0 if it fits")
     plan.add_argument("experiment", help="experiments/NAME.py")
@@ -86,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     demo.set_defaults(func=_demo)
     add_convert_parser(sub)
     _add_plan_parser(sub)
+    _add_train_parser(sub)
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -16,6 +16,7 @@ import typing
 from typing import Any
 
 from llama4_jax.config import PRESETS, Llama4Config
+from llama4_jax.data.config import DataConfig
 from llama4_jax.sharding import MeshConfig
 from llama4_jax.train.optim import OptimConfig
 
@@ -33,15 +34,25 @@ class TrainConfig:
     capacity_factor: float | None = None  # expert-parallel MoE; None = dropless
     load_balance_coef: float = 0.0  # off by default: the forward stays exactly Llama 4
     router_z_coef: float = 0.0
+    grad_accum: int = 1  # micro-batches per optimizer step
     seed: int = 0
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 4
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 3
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
             if getattr(self, name) not in DTYPES:
                 raise ValueError(f"train.{name} must be one of {DTYPES}, got {getattr(self, name)!r}")
-        for name in ("batch_size", "seq_len", "steps"):
+        for name in ("batch_size", "seq_len", "steps", "grad_accum", "log_every", "eval_every", "checkpoint_every",
+                     "keep_checkpoints"):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.batch_size % self.grad_accum:
+            raise ValueError(f"train.batch_size ({self.batch_size}) must be divisible by train.grad_accum "
+                             f"({self.grad_accum})")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -50,6 +61,7 @@ class ExperimentConfig:
     model: Llama4Config
     train: TrainConfig = TrainConfig()
     optim: OptimConfig = OptimConfig()
+    data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     teacher: Llama4Config | None = None  # frozen teacher for distillation (same vocabulary)
     teacher_param_dtype: str = "bfloat16"

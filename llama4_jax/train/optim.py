@@ -22,6 +22,7 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     clip_norm: float | None = 1.0
+    max_consecutive_nonfinite: int = 5  # skip updates with NaN/Inf gradients; the trainer stops after this many
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
@@ -60,9 +61,11 @@ def decay_mask(params) -> object:
 
 
 def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """Clip -> AdamW, inside `optax.apply_if_finite`: a step whose gradients hold NaN/Inf changes nothing
+    and is counted (state.notfinite_count, state.total_notfinite)."""
     chain = []
     if config.clip_norm is not None:
         chain.append(optax.clip_by_global_norm(config.clip_norm))
     chain.append(optax.adamw(learning_rate_schedule(config, total_steps), b1=config.b1, b2=config.b2,
                              eps=config.eps, weight_decay=config.weight_decay, mask=decay_mask))
-    return optax.chain(*chain)
+    return optax.apply_if_finite(optax.chain(*chain), max_consecutive_errors=config.max_consecutive_nonfinite)

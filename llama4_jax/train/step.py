@@ -54,33 +54,81 @@ def step_shardings(abstract_params, tx: optax.GradientTransformation, mesh: Mesh
 
 
 def loss_fn(params, graphdef, batch: dict[str, jax.Array], train) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Summed objective over the batch's valid tokens (divided by the global token count by the step, so
+    micro-batches accumulate exactly), and summed metrics."""
     model = nnx.merge(graphdef, params)
     hidden, aux = model.model(batch["inputs"], positions=batch.get("positions"),
                               segment_ids=batch.get("segment_ids"), return_aux=True)
     ce = cross_entropy(model.logits, hidden, batch["targets"], batch["weights"])
-    tokens = jnp.maximum(ce["tokens"], 1.0)
-    loss = ce["loss_sum"] / tokens
-    metrics = {"loss": loss, "accuracy": ce["correct"] / tokens, "tokens": ce["tokens"]}
+    objective = ce["loss_sum"]
+    metrics = dict(ce)
     if aux:
         metrics["expert_load"] = aux["expert_load"]
         metrics["dropped_tokens"] = aux["dropped_tokens"].sum()
+        # Auxiliary losses are per-token averages: weight them by this batch's tokens like the cross entropy.
         if train.load_balance_coef:
-            loss = loss + train.load_balance_coef * aux["load_balance_loss"].mean()
+            objective = objective + train.load_balance_coef * aux["load_balance_loss"].mean() * ce["tokens"]
         if train.router_z_coef:
-            loss = loss + train.router_z_coef * aux["router_z_loss"].mean()
-    return loss, metrics
+            objective = objective + train.router_z_coef * aux["router_z_loss"].mean() * ce["tokens"]
+    return objective, metrics
+
+
+def _micro_batches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Array]:
+    """(B, T) -> (count, B / count, T), micro-batch j taking rows j, j + count, ...: every device keeps its own
+    contiguous block of rows, so splitting moves no data."""
+    def split(x):
+        if x.shape[0] % count:
+            raise ValueError(f"batch size {x.shape[0]} is not divisible by train.grad_accum ({count})")
+        return x.reshape(x.shape[0] // count, count, *x.shape[1:]).swapaxes(0, 1)
+
+    return {k: split(v) for k, v in batch.items()}
 
 
 def make_train_step(graphdef, tx: optax.GradientTransformation, train):
-    """step(params, opt_state, batch) -> (params, opt_state, metrics); pure, ready for jax.jit."""
+    """step(params, opt_state, batch) -> (params, opt_state, metrics); pure, ready for jax.jit.
+
+    Gradients of `train.grad_accum` micro-batches are summed, then divided by the global count of valid
+    tokens: the same update as one batch `grad_accum` times larger, in a fraction of the memory.
+    """
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def accumulate(params, batch):
+        if train.grad_accum == 1:
+            (objective, metrics), grads = grad_fn(params, graphdef, batch, train)
+            return objective, metrics, grads
+
+        def body(carry, micro):
+            (objective, metrics), grads = grad_fn(params, graphdef, micro, train)
+            return jax.tree.map(jnp.add, carry, (objective, metrics, grads)), None
+
+        micro = _micro_batches(batch, train.grad_accum)
+        first = jax.tree.map(lambda x: x[0], micro)
+        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, graphdef, first, train)))
+        (objective, metrics), grads = zeros
+        return jax.lax.scan(body, (objective, metrics, grads), micro)[0]
 
     def step(params, opt_state, batch):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, graphdef, batch, train)
+        objective, metrics, grads = accumulate(params, batch)
+        tokens = jnp.maximum(metrics["tokens"], 1.0)
+        grads = jax.tree.map(lambda g: g / tokens, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        return params, opt_state, {**metrics, "objective": loss, "grad_norm": optax.tree.norm(grads)}
+        metrics = {**metrics, "loss": metrics["loss_sum"] / tokens, "accuracy": metrics["correct"] / tokens,
+                   "objective": objective / tokens, "grad_norm": optax.tree.norm(grads),
+                   "skipped_steps": opt_state.total_notfinite, "consecutive_skipped": opt_state.notfinite_count}
+        return params, opt_state, metrics
 
     return step
+
+
+def make_eval_step(graphdef, train):
+    """eval(params, batch) -> summed loss, correct and token counts (divide after summing batches)."""
+
+    def evaluate(params, batch):
+        _, metrics = loss_fn(params, graphdef, batch, train)
+        return {k: metrics[k] for k in ("loss_sum", "correct", "tokens")}
+
+    return evaluate
 
 
 def abstract_train_state(experiment):

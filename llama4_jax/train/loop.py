@@ -1,0 +1,184 @@
+"""The training loop: sharded-from-birth state, a jitted donated step, Orbax checkpoints with exact resume,
+preemption handling, metrics and evaluation."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import signal
+import time
+
+import jax
+import numpy as np
+from flax import nnx
+
+from llama4_jax import distributed
+from llama4_jax.counting import training_flops_per_token
+from llama4_jax.sharding import make_mesh, use_sharding
+from llama4_jax.train.checkpointing import TrainCheckpoints, abstract_like, experiment_json
+from llama4_jax.train.metrics import MetricsWriter, peak_flops
+from llama4_jax.train.optim import learning_rate_schedule
+from llama4_jax.train.step import (
+    abstract_train_state,
+    make_eval_step,
+    make_train_step,
+    model_factory,
+    step_shardings,
+)
+
+
+@dataclasses.dataclass
+class TrainResult:
+    workdir: pathlib.Path
+    step: int  # optimizer steps completed
+    losses: list[float]  # training loss of every step run by this call
+    preempted: bool = False
+    plot: pathlib.Path | None = None
+
+    @property
+    def checkpoints(self) -> pathlib.Path:
+        return self.workdir / "checkpoints"
+
+    @property
+    def metrics(self) -> pathlib.Path:
+        return self.workdir / "metrics.jsonl"
+
+
+class _Preemption:
+    """SIGTERM (how TPU VMs and schedulers announce preemption) sets a flag the loop checks every step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.requested = True
+
+    def restore(self):
+        signal.signal(signal.SIGTERM, self.previous)
+
+
+def _data(experiment, split: str):
+    from llama4_jax.data import check_vocab, load_tokenizer, make_iterator
+
+    tokenizer = load_tokenizer(experiment.data)
+    check_vocab(tokenizer, experiment.model.vocab_size)
+    train = experiment.train
+    return make_iterator(experiment.data, split=split, seq_len=train.seq_len, batch_size=train.batch_size,
+                         process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
+
+
+class Trainer:
+    """Builds everything a run needs (raising on bad input before any work), then `run()`s it."""
+
+    def __init__(self, experiment, workdir: str | pathlib.Path):
+        distributed.initialize()
+        self.experiment, self.train = experiment, experiment.train
+        self.workdir = pathlib.Path(workdir)
+        self.mesh = make_mesh(experiment.mesh)
+        self.train_iter = _data(experiment, "train")
+        self.graphdef, abstract_params, self.tx = abstract_train_state(experiment)
+        self.shardings = step_shardings(abstract_params, self.tx, self.mesh)
+        self.meta = {"experiment": experiment_json(experiment)}
+        self.checkpoints = TrainCheckpoints(self.workdir / "checkpoints", keep=self.train.keep_checkpoints)
+        self.params, self.opt_state, self.step = self._initial_state()
+        step = make_train_step(self.graphdef, self.tx, self.train)
+        self.step_fn = jax.jit(step, out_shardings=(self.shardings.params, self.shardings.opt_state, None),
+                               donate_argnums=(0, 1))
+        self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.train))
+        self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
+        self.schedule = learning_rate_schedule(experiment.optim, self.train.steps)
+
+    def _initial_state(self):
+        """Fresh parameters sharded from birth, or the latest checkpoint restored onto this mesh."""
+        factory = model_factory(self.experiment.model, self.train, seed=self.train.seed)
+        with jax.set_mesh(self.mesh):
+            params = jax.jit(lambda: nnx.state(factory(), nnx.Param), out_shardings=self.shardings.params)()
+            opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+        latest = self.checkpoints.latest_step()
+        if latest is None:
+            return params, opt_state, 0
+        self.checkpoints.check_compatible(latest, self.meta)
+        restored = self.checkpoints.restore(latest, abstract_like(params, self.shardings.params),
+                                            abstract_like(opt_state, self.shardings.opt_state))
+        self.train_iter.set_state(restored["data"])
+        return restored["params"], restored["opt_state"], latest
+
+    def _save(self, *, force: bool = False) -> None:
+        if self.checkpoints.latest_step() == self.step:  # e.g. preempted right after a scheduled save
+            return
+        self.checkpoints.save(self.step, self.params, self.opt_state, self.train_iter.get_state(),
+                              {**self.meta, "step": self.step}, force=force)
+
+    def evaluate(self) -> dict[str, float]:
+        """Held-out loss and accuracy over `eval_batches` batches (the same ones every time)."""
+        totals = {"loss_sum": 0.0, "correct": 0.0, "tokens": 0.0}
+        iterator = _data(self.experiment, "eval")
+        for _ in range(self.train.eval_batches):
+            batch = distributed.global_batch(next(iterator), self.mesh, self.train.batch_size)
+            with use_sharding(self.mesh):
+                out = self.eval_fn(self.params, batch)
+            for k in totals:
+                totals[k] += float(out[k])
+        tokens = max(totals["tokens"], 1.0)
+        return {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["correct"] / tokens}
+
+    def _log(self, metrics, seconds: float, steps: int) -> dict[str, float]:
+        tokens = self.train.batch_size * self.train.seq_len * steps
+        scalars = {
+            "train/loss": metrics["loss"], "train/accuracy": metrics["accuracy"],
+            "train/grad_norm": metrics["grad_norm"], "train/lr": float(self.schedule(self.step - 1)),
+            "train/skipped_steps": metrics["skipped_steps"], "perf/tokens_per_second": tokens / seconds,
+        }
+        peak = peak_flops(jax.devices()[0].device_kind)
+        if peak:
+            flops = training_flops_per_token(self.experiment.model, self.train.seq_len) * tokens / seconds
+            scalars["perf/mfu"] = flops / (peak * jax.device_count())
+        if "expert_load" in metrics:
+            load = np.asarray(metrics["expert_load"])  # (moe layers, experts)
+            scalars["moe/max_load_over_mean"] = float((load.max(-1) / load.mean(-1)).mean())
+            scalars["moe/dropped_tokens"] = float(metrics["dropped_tokens"])
+        self.writer.write(self.step, scalars)
+        return scalars
+
+    def run(self, *, progress: bool = True) -> TrainResult:
+        from tqdm import tqdm
+
+        losses, preemption = [], _Preemption()
+        bar = tqdm(total=self.train.steps, initial=self.step, disable=not progress or jax.process_index() != 0,
+                   desc="train", unit="step")
+        last_log, last_step = time.perf_counter(), self.step
+        try:
+            while self.step < self.train.steps:
+                batch = distributed.global_batch(next(self.train_iter), self.mesh, self.train.batch_size)
+                with use_sharding(self.mesh):
+                    self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
+                self.step += 1
+                metrics = jax.device_get(metrics)
+                losses.append(float(metrics["loss"]))
+                bar.update(1)
+                if int(metrics["consecutive_skipped"]) >= self.experiment.optim.max_consecutive_nonfinite:
+                    raise FloatingPointError(f"step {self.step}: {int(metrics['consecutive_skipped'])} consecutive "
+                                             "steps with NaN/Inf gradients; stopping (the last checkpoint is intact)")
+                if self.step % self.train.log_every == 0 or self.step == self.train.steps:
+                    now = time.perf_counter()
+                    scalars = self._log(metrics, now - last_log, self.step - last_step)
+                    bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
+                    last_log, last_step = now, self.step
+                if self.step % self.train.eval_every == 0 or self.step == self.train.steps:
+                    self.writer.write(self.step, self.evaluate())
+                if self.step % self.train.checkpoint_every == 0 or self.step == self.train.steps:
+                    self._save()
+                if preemption.requested:
+                    self._save(force=True)
+                    return TrainResult(self.workdir, self.step, losses, preempted=True)
+            return TrainResult(self.workdir, self.step, losses, plot=self.writer.plot(self.workdir / "loss.png"))
+        finally:
+            preemption.restore()
+            bar.close()
+            self.checkpoints.close()
+            self.writer.close()
+
+
+def train(experiment, workdir: str | pathlib.Path, *, progress: bool = True) -> TrainResult:
+    return Trainer(experiment, workdir).run(progress=progress)
