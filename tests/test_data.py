@@ -91,6 +91,9 @@ def test_packing_rows_rebuild_the_document_stream(jsonl):
 
 
 def test_packing_fields(jsonl):
+    from llama4_jax.train.step import BATCH_KEYS as STEP_KEYS
+
+    assert BATCH_KEYS == STEP_KEYS  # what the train step reads
     for b in batches(DataConfig(source=jsonl, shuffle=False), split="train", num_epochs=1):
         assert {k: (v.dtype, v.shape) for k, v in b.items()} == {
             "inputs": (np.int32, (4, 16)), "targets": (np.int32, (4, 16)), "weights": (np.float32, (4, 16)),
@@ -360,3 +363,23 @@ def test_bad_input_raises_before_training(jsonl, tmp_path):
                 dict(source="tfds:"), dict(tokenizer="")):
         with pytest.raises(ValueError, match=next(iter(bad))):
             DataConfig(**bad)
+
+
+def test_worker_processes_give_the_in_process_batches(jsonl, tmp_path):
+    train_bpe([doc_text(d, n) for d, n in enumerate(LENGTHS)], 300).save(str(tmp_path / "tokenizer.json"))
+    tokenizer = HFTokenizer.from_file(tmp_path / "tokenizer.json")
+    kwargs = dict(split="train", seq_len=16, batch_size=4, process_index=0, process_count=1, tokenizer=tokenizer)
+    reference = batches(DataConfig(source=jsonl, seed=1), 12, tokenizer=tokenizer)
+    config = DataConfig(source=jsonl, seed=1, num_workers=1)  # one worker reads every document, in order
+    iterators = [make_iterator(config, **kwargs) for _ in range(2)]
+    try:
+        first, resumed = iterators
+        out = [next(first) for _ in range(5)]
+        state = json.loads(json.dumps(first.get_state()))
+        out += [next(first) for _ in range(7)]
+        assert_same(out, reference)
+        resumed.set_state(state)
+        assert_same([next(resumed) for _ in range(7)], reference[5:])
+    finally:
+        for it in iterators:
+            it.close()

@@ -128,10 +128,20 @@ def make_dataset(config: DataConfig, *, split: str, seq_len: int, batch_size: in
     if config.num_workers:
         # Reading and tokenizing run in the workers; packing stays here. The order depends on num_workers, so
         # resume with the same value.
+        _absl_flags_parsed()
         it = it.mp_prefetch(grain.MultiprocessingOptions(num_workers=config.num_workers))
     it = _JsonSafeState(ConcatThenSplitIterDataset(it, length_struct={"tokens": seq_len + 1}))
     rows = batch_size // process_count
     return it.batch(rows, drop_remainder=False).map(PackedRowsToBatch(rows, tokenizer.pad_id))
+
+
+def _absl_flags_parsed() -> None:
+    """grain's worker processes read absl flags, which raise unless parsed; programs that are not absl apps
+    (ours) never parse them, so take the defaults."""
+    from absl import flags
+
+    if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
 
 
 def make_iterator(config: DataConfig, *, split: str, seq_len: int, batch_size: int, process_index: int,

@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,8 @@ def prepare_shards(config: DataConfig, out_dir: str | Path, *, tokenizer: Tokeni
     num_shards = min(num_shards, len(documents))
     bounds = np.linspace(0, len(documents), num_shards + 1).astype(np.int64)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}.tmp-"))
+    tmp = out_dir.parent / f".{out_dir.name}.tmp-{uuid.uuid4().hex[:8]}"
+    tmp.mkdir()  # not tempfile.mkdtemp, whose 0700 mode would keep the result from other users
     try:
         num_tokens = 0
         with tqdm(total=len(documents), unit="doc", disable=not progress, desc=f"tokenizing {config.source}") as bar:

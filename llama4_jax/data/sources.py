@@ -183,7 +183,8 @@ class TfdsSource:
         self._where = f"tfds:{name}:{split}"
         self._field = field
         try:
-            self._source = tfds.data_source(name, split=split, data_dir=data_dir)
+            # download=False: preparing a dataset is a separate, explicit step (never at training time).
+            self._source = tfds.data_source(name, split=split, data_dir=data_dir, download=False)
         except Exception as e:  # tfds raises several types (DatasetNotFoundError, KeyError, ValueError...)
             raise ValueError(f"data.source {self._where!r} could not be opened (data_dir={data_dir!r}); prepare it "
                              f"with file_format='array_record' first: {type(e).__name__}: {e}") from e
