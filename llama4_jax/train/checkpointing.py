@@ -1,8 +1,8 @@
 """Training checkpoints with Orbax's CheckpointManager: async saves, keep-N, restore of the latest onto any
 mesh (the target's shardings decide where each shard goes).
 
-A checkpoint holds: params, opt_state (sharded arrays), the data iterator's state, and metadata (step,
-seed, the resolved experiment config). Orbax writes each step into a temporary directory and renames it
+A checkpoint holds: params, opt_state (sharded arrays), the data iterator's state (per process), and
+metadata (step, the resolved experiment config). Orbax writes each step into a temporary directory and renames it
 when complete, so a crash mid-save leaves the previous checkpoint as the latest.
 """
 
@@ -42,23 +42,32 @@ class TrainCheckpoints:
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
 
-    def save(self, step: int, params, opt_state, data_state: dict, meta: dict, *, force: bool = False) -> bool:
+    def save(self, step: int, params, opt_state, data_iterator, meta: dict, *, force: bool = False) -> bool:
+        """Async save. The data iterator's state is written by grain's handler: one file per process, since
+        every host reads its own shard."""
+        from llama4_jax.data import iterator_checkpoint_args
+
         args = ocp.args.Composite(
             params=ocp.args.StandardSave(params), opt_state=ocp.args.StandardSave(opt_state),
-            data=ocp.args.JsonSave(data_state), meta=ocp.args.JsonSave(meta))
+            data=iterator_checkpoint_args(data_iterator), meta=ocp.args.JsonSave(meta))
         return self.manager.save(step, args=args, force=force)
 
-    def restore(self, step: int, abstract_params, abstract_opt_state) -> dict[str, Any]:
-        """Restore onto the shardings carried by the abstract targets (ShapeDtypeStruct with .sharding)."""
-        args = ocp.args.Composite(
-            params=ocp.args.StandardRestore(abstract_params), opt_state=ocp.args.StandardRestore(abstract_opt_state),
-            data=ocp.args.JsonRestore(), meta=ocp.args.JsonRestore())
+    def restore(self, step: int, abstract_params, abstract_opt_state, data_iterator=None) -> dict[str, Any]:
+        """Restore onto the shardings carried by the abstract targets (ShapeDtypeStruct with .sharding); the
+        data iterator, when given, is set to its saved position."""
+        from llama4_jax.data import iterator_checkpoint_args
+
+        items = dict(params=ocp.args.StandardRestore(abstract_params),
+                     opt_state=ocp.args.StandardRestore(abstract_opt_state), meta=ocp.args.JsonRestore())
+        if data_iterator is not None:
+            items["data"] = iterator_checkpoint_args(data_iterator, restore=True)
+        args = ocp.args.Composite(**items)
         try:
             restored = self.manager.restore(step, args=args)
         except (ValueError, KeyError, TypeError) as error:
             raise ValueError(f"checkpoint {self.directory}/{step} does not match this experiment's model or "
                              f"optimizer: {error}") from error
-        return {name: restored[name] for name in ("params", "opt_state", "data", "meta")}
+        return {name: restored[name] for name in ("params", "opt_state", "meta")}
 
     def check_compatible(self, step: int, experiment_meta: dict) -> None:
         """Refuse to resume a checkpoint written for another model: list every differing model field."""

@@ -100,14 +100,13 @@ class Trainer:
             return params, opt_state, 0
         self.checkpoints.check_compatible(latest, self.meta)
         restored = self.checkpoints.restore(latest, abstract_like(params, self.shardings.params),
-                                            abstract_like(opt_state, self.shardings.opt_state))
-        self.train_iter.set_state(restored["data"])
+                                            abstract_like(opt_state, self.shardings.opt_state), self.train_iter)
         return restored["params"], restored["opt_state"], latest
 
     def _save(self, *, force: bool = False) -> None:
         if self.checkpoints.latest_step() == self.step:  # e.g. preempted right after a scheduled save
             return
-        self.checkpoints.save(self.step, self.params, self.opt_state, self.train_iter.get_state(),
+        self.checkpoints.save(self.step, self.params, self.opt_state, self.train_iter,
                               {**self.meta, "step": self.step}, force=force)
 
     def evaluate(self) -> dict[str, float]:
