@@ -50,6 +50,29 @@ def _demo(args: argparse.Namespace) -> int:
           f"{bool(jnp.isfinite(logits).all())}")
     print(f"  greedy next tokens of row 0: {np.asarray(logits[0, -8:].argmax(-1)).tolist()}")
     print(f"  first call (compile + run) {compile_and_run:.2f}s, second call {run * 1e3:.1f} ms")
+    if args.no_train:
+        return 0
+    return _demo_train(args)
+
+
+def _demo_train(args: argparse.Namespace) -> int:
+    """Train the tiny MoE of experiments/tiny_train.py on the embedded corpus (Python's own docs)."""
+    import pathlib
+
+    from llama4_jax.experiment import load_experiment
+    from llama4_jax.train.loop import train
+
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "tiny_train.py"
+    experiment = load_experiment(path, args.overrides)
+    print(f"\nTraining {experiment.name}: a {experiment.model.num_hidden_layers}-layer MoE "
+          f"({experiment.model.num_local_experts} experts) on the embedded corpus for {experiment.train.steps} steps")
+    result = train(experiment, args.workdir)
+    print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}; "
+          f"train loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else "nothing to do")
+    print(f"  checkpoints: {result.checkpoints}")
+    print(f"  metrics:     {result.metrics} (TensorBoard: {result.workdir / 'tensorboard'})")
+    if result.plot:
+        print(f"  loss plot:   {result.plot}")
     return 0
 
 
@@ -109,6 +132,10 @@ def main(argv: list[str] | None = None) -> int:
     demo = sub.add_parser("demo", help="preset sizes and FLOPs, then a forward pass of a tiny random model")
     demo.add_argument("--seq-len", type=int, default=8192, help="sequence length for the FLOPs column")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--no-train", action="store_true", help="skip the training run")
+    demo.add_argument("--workdir", default="runs/demo", help="where the training run writes")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                      help="override a field of experiments/tiny_train.py, e.g. train.steps=100")
     demo.set_defaults(func=_demo)
     add_convert_parser(sub)
     _add_plan_parser(sub)

@@ -122,10 +122,11 @@ class Trainer:
         tokens = max(totals["tokens"], 1.0)
         return {"eval/loss": totals["loss_sum"] / tokens, "eval/accuracy": totals["correct"] / tokens}
 
-    def _log(self, metrics, seconds: float, steps: int) -> dict[str, float]:
+    def _log(self, metrics, seconds: float, steps: int, window_losses: list[float]) -> dict[str, float]:
         tokens = self.train.batch_size * self.train.seq_len * steps
         scalars = {
-            "train/loss": metrics["loss"], "train/accuracy": metrics["accuracy"],
+            # Mean over the steps since the last log: a single step's loss is too noisy to read.
+            "train/loss": float(np.mean(window_losses)), "train/accuracy": metrics["accuracy"],
             "train/grad_norm": metrics["grad_norm"], "train/lr": float(self.schedule(self.step - 1)),
             "train/skipped_steps": metrics["skipped_steps"], "perf/tokens_per_second": tokens / seconds,
         }
@@ -161,7 +162,8 @@ class Trainer:
                                              "steps with NaN/Inf gradients; stopping (the last checkpoint is intact)")
                 if self.step % self.train.log_every == 0 or self.step == self.train.steps:
                     now = time.perf_counter()
-                    scalars = self._log(metrics, now - last_log, self.step - last_step)
+                    scalars = self._log(metrics, now - last_log, self.step - last_step,
+                                        losses[-(self.step - last_step):])
                     bar.set_postfix(loss=f"{scalars['train/loss']:.3f}")
                     last_log, last_step = now, self.step
                 if self.step % self.train.eval_every == 0 or self.step == self.train.steps:
