@@ -12,18 +12,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import time
 
-
-def _timeit(fn, repeats: int) -> float:
-    fn()  # warm-up (and compile)
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchlib import mid_config, timeit
 
 
 def bench_vs_transformers(config, batch: int, seq: int, repeats: int) -> tuple[float, float]:
@@ -63,8 +54,8 @@ def bench_vs_transformers(config, batch: int, seq: int, repeats: int) -> tuple[f
         return jax.value_and_grad(loss_fn)(params)
 
     inputs, labels = jnp.asarray(ids[:, :-1], jnp.int32), jnp.asarray(ids[:, 1:], jnp.int32)
-    jax_time = _timeit(lambda: jax.block_until_ready(jax_step(params, inputs, labels)), repeats)
-    torch_time = _timeit(torch_step, repeats)
+    jax_time = timeit(lambda: jax.block_until_ready(jax_step(params, inputs, labels)), repeats)
+    torch_time = timeit(torch_step, repeats)
     return jax_time, torch_time
 
 
@@ -91,7 +82,7 @@ def bench_moe_vs_dense(config, tokens: int, repeats: int) -> tuple[float, float,
             return jnp.sum(y**2)
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        return _timeit(lambda: jax.block_until_ready(step(params, x)), repeats)
+        return timeit(lambda: jax.block_until_ready(step(params, x)), repeats)
 
     return timed(moe), timed(dense), timed(moe, backend="ragged_dot")
 
@@ -122,14 +113,10 @@ def main() -> None:
     import jax
     import torch
 
-    from llama4_jax import TINY_SCOUT, Llama4Config
+    from llama4_jax import TINY_SCOUT
 
     torch.set_num_threads(args.threads)
-    mid = Llama4Config(
-        vocab_size=8192, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=16, num_experts_per_tok=1,
-        attention_chunk_size=128, floor_scale=128, rope_theta=500000.0,
-    )
+    mid = mid_config()
     print(f"platform {jax.devices()[0].platform}, torch threads {args.threads}, median of {args.repeats}\n")
 
     ours, theirs = bench_vs_transformers(mid, args.batch, args.seq, args.repeats)

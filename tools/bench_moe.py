@@ -9,18 +9,8 @@ Usage: python tools/bench_moe.py [--tokens 4096] [--hidden 1024] [--ffn 2048] [-
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 
-
-def _timeit(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchlib import timeit
 
 
 def main() -> None:
@@ -60,7 +50,7 @@ def main() -> None:
             return jnp.sum(jnp.square(y.astype(jnp.float32)))
 
         step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-        return _timeit(lambda: jax.block_until_ready(step(params, x)), args.repeats)
+        return timeit(lambda: jax.block_until_ready(step(params, x)), args.repeats)
 
     print(f"platform {jax.devices()[0].platform} ({jax.devices()[0].device_kind}), jax {jax.__version__}; "
           f"{args.tokens} tokens, D={args.hidden}, {args.experts} experts of F={args.ffn}, top-{args.top_k}, "

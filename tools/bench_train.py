@@ -10,18 +10,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
-import time
 
-
-def _timeit(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+from benchlib import mid_config, timeit
 
 
 def matmul_peak(repeats: int = 5) -> float:
@@ -31,7 +21,7 @@ def matmul_peak(repeats: int = 5) -> float:
 
     a = jax.random.normal(jax.random.key(0), (2048, 2048), jnp.float32)
     f = jax.jit(lambda a: a @ a)
-    seconds = _timeit(lambda: jax.block_until_ready(f(a)), repeats)
+    seconds = timeit(lambda: jax.block_until_ready(f(a)), repeats)
     return 2 * 2048**3 / seconds
 
 
@@ -50,7 +40,7 @@ def main() -> None:
     import transformers
     from flax import nnx
 
-    from llama4_jax import Llama4Config, Llama4ForCausalLM
+    from llama4_jax import Llama4ForCausalLM
     from llama4_jax.convert.hf import set_from_hf_tensors
     from llama4_jax.counting import training_flops_per_token
     from llama4_jax.experiment import TrainConfig
@@ -58,11 +48,7 @@ def main() -> None:
     from llama4_jax.train.step import make_train_step
 
     torch.set_num_threads(args.threads)
-    config = Llama4Config(
-        vocab_size=8192, hidden_size=512, intermediate_size=1024, intermediate_size_mlp=2048, num_hidden_layers=8,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=64, num_local_experts=16, num_experts_per_tok=1,
-        attention_chunk_size=128, floor_scale=128, rope_theta=500000.0,
-    )
+    config = mid_config()
     hf = transformers.Llama4ForCausalLM(transformers.Llama4TextConfig(**config.to_hf())).float().train()
     ours = Llama4ForCausalLM(config, rngs=nnx.Rngs(0))
     set_from_hf_tensors(ours, {k: v.detach().numpy() for k, v in hf.state_dict().items()})
@@ -93,7 +79,7 @@ def main() -> None:
         torch.nn.utils.clip_grad_norm_(hf.parameters(), 1.0)
         torch_opt.step()
 
-    ours_s, theirs_s = _timeit(jax_step, args.repeats), _timeit(torch_step, args.repeats)
+    ours_s, theirs_s = timeit(jax_step, args.repeats), timeit(torch_step, args.repeats)
     peak = matmul_peak()
     model_flops = training_flops_per_token(config, args.seq) * tokens / ours_s
     print(f"platform {jax.devices()[0].platform}, torch threads {args.threads}, median of {args.repeats} steps")
