@@ -178,3 +178,47 @@ def test_incompatible_checkpoint_lists_mismatches_and_is_kept(tmp_path):
     with pytest.raises(ValueError, match="hidden_size.*\n.*num_local_experts|num_local_experts"):
         Trainer(wider, tmp_path)
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == before
+
+
+def test_corrupt_checkpoint_is_refused_and_kept(tmp_path):
+    train(tiny(steps=2, checkpoint_every=2, eval_every=2), tmp_path, progress=False)
+    arrays = [p for p in (tmp_path / "checkpoints" / "2" / "params").rglob("*") if p.is_file() and p.stat().st_size]
+    victim = max(arrays, key=lambda p: p.stat().st_size)
+    victim.write_bytes(b"\0" * 16)  # truncated: a disk that filled up, or a copy cut short
+    with pytest.raises(ValueError, match="cannot be restored"):
+        Trainer(tiny(), tmp_path)
+    assert victim.read_bytes() == b"\0" * 16  # nothing deleted or overwritten
+
+
+def _one_step(experiment, params, batch, **train_changes):
+    graphdef, _, tx = abstract_train_state(experiment)
+    step = jax.jit(make_train_step(graphdef, tx, dataclasses.replace(experiment.train, **train_changes)))
+    return step(params, tx.init(params), batch)
+
+
+def _params_and_batch(experiment):
+    from llama4_jax.train.step import model_factory
+
+    params = nnx.state(model_factory(experiment.model, experiment.train)(), nnx.Param)
+    ids = np.random.default_rng(1).integers(0, experiment.model.vocab_size, (8, 33)).astype(np.int32)
+    batch = {"inputs": jnp.asarray(ids[:, :-1]), "targets": jnp.asarray(ids[:, 1:]), "weights": jnp.ones((8, 32))}
+    return params, batch
+
+
+def test_nonfinite_gradients_skip_the_update_and_are_counted():
+    experiment = tiny()
+    params, batch = _params_and_batch(experiment)
+    params["model"]["norm"]["weight"].set_value(params["model"]["norm"]["weight"][...].at[0].set(jnp.inf))
+    new_params, opt_state, metrics = _one_step(experiment, params, batch)
+    assert int(metrics["skipped_steps"]) == 1 and int(metrics["consecutive_skipped"]) == 1
+    for a, b in zip(jax.tree.leaves(new_params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_moe_auxiliary_losses_are_off_by_default_and_weighted_when_on():
+    experiment = tiny()
+    params, batch = _params_and_batch(experiment)
+    _, _, plain = _one_step(experiment, params, batch)
+    assert float(plain["objective"]) == float(plain["loss"])  # the default forward is exactly Llama 4
+    _, _, weighted = _one_step(experiment, params, batch, load_balance_coef=0.1, router_z_coef=0.01)
+    assert float(weighted["objective"]) > float(weighted["loss"]) + 0.1 * 0.9  # load balance >= 1 (E x sum f p)

@@ -64,14 +64,19 @@ class TrainCheckpoints:
         args = ocp.args.Composite(**items)
         try:
             restored = self.manager.restore(step, args=args)
-        except (ValueError, KeyError, TypeError) as error:
-            raise ValueError(f"checkpoint {self.directory}/{step} does not match this experiment's model or "
-                             f"optimizer: {error}") from error
+        except Exception as error:  # Orbax/tensorstore raise many types for corrupt or mismatched files
+            raise ValueError(f"checkpoint {self.directory}/{step} cannot be restored for this experiment "
+                             f"(corrupt, or written for another model/optimizer); it is left as it is. "
+                             f"{type(error).__name__}: {error}") from error
         return {name: restored[name] for name in ("params", "opt_state", "meta")}
 
     def check_compatible(self, step: int, experiment_meta: dict) -> None:
         """Refuse to resume a checkpoint written for another model: list every differing model field."""
-        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        try:
+            meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        except Exception as error:
+            raise ValueError(f"checkpoint {self.directory}/{step} has unreadable metadata (corrupt?); it is left "
+                             f"as it is. {type(error).__name__}: {error}") from error
         saved, wanted = meta.get("experiment", {}).get("model", {}), experiment_meta["experiment"]["model"]
         diffs = [f"model.{k}: checkpoint {saved.get(k)!r}, experiment {v!r}" for k, v in wanted.items()
                  if json.dumps(saved.get(k)) != json.dumps(v)]
