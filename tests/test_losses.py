@@ -243,7 +243,7 @@ def test_chunked_equals_unchunked(config):
 
 def test_vocab_sharded_equals_plain():
     mesh = sharding.make_mesh(sharding.MeshConfig(tensor=8, fsdp=1))
-    v, d = 64, 8
+    v, d = 128, 8
     rng = np.random.default_rng(9)
     hs, ht = (jnp.asarray(rng.normal(size=(B, T, d)), jnp.float32) for _ in range(2))
     ws, wt = (jnp.asarray(rng.normal(size=(d, v)), jnp.float32) for _ in range(2))
@@ -253,14 +253,20 @@ def test_vocab_sharded_equals_plain():
 
     def value_and_grads(config, targets):
         loss = lambda head: distill_loss(lambda h: h @ head, hs, targets, y, w, config=config, step=0, chunk=4)
-        return jax.jit(lambda head: (loss(head), jax.grad(lambda hd: loss(hd)["loss_sum"])(head)))(ws)
+        compiled = jax.jit(lambda head: (loss(head), jax.grad(lambda hd: loss(hd)["loss_sum"])(head))).lower(
+            ws).compile()
+        return compiled(ws), compiled.as_text()
 
     online = OnlineTargets(lambda h: h @ wt, ht)
     for config, targets in [(CONFIGS[0], online), (CONFIGS[1], online),
                             (DistillLossConfig(divergence="reverse_kl", temperature=2.0), TopKTargets(ids, lp))]:
-        plain, g_plain = value_and_grads(config, targets)
+        (plain, g_plain), _ = value_and_grads(config, targets)
         with sharding.use_sharding(mesh):  # every chunk's logits constrained to ("batch", "length", "tensor")
-            shard, g_shard = value_and_grads(config, targets)
+            (shard, g_shard), hlo = value_and_grads(config, targets)
+        # Vocab-parallel: each device holds (B, chunk, V / 8) logits and nothing of vocabulary size is gathered
+        # (argmax gathers one candidate per shard, (B, chunk, 8)).
+        gathered = [line.split("all-gather(")[0] for line in hlo.splitlines() if "all-gather(" in line]
+        assert f"f32[{B},4,{v // 8}]" in hlo and not any(f",{v}]" in g for g in gathered), gathered
         _close(shard, {k: np.asarray(x) for k, x in plain.items()})
         np.testing.assert_allclose(g_shard, g_plain, rtol=RTOL, atol=ATOL)
 

@@ -140,7 +140,8 @@ def distill_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student_hi
     0 for padding; step: the train step (int or traced scalar) for the alpha schedule; taid_t: TAID's t (a
     TaidState.t) when config.target == "taid". Returns {"loss_sum", "soft_sum" (tau^2 D), "hard_sum" (CE),
     "kl_sum" (forward KL at tau = 1), "teacher_ce_sum", "disagree_sum", "alpha_sum", "correct", "tokens"}.
-    With alpha = 0, "loss_sum" is bitwise `cross_entropy(...)["loss_sum"]`.
+    With alpha = 0, "loss_sum" is bitwise `cross_entropy(...)["loss_sum"]`. For SampledTargets "kl_sum" is the KL
+    from count / N (an estimate) and "teacher_ce_sum" is 0 (a few draws do not estimate p_T(label)).
     """
     _check_targets(config, targets)
     if config.target == "taid" and taid_t is None:
