@@ -130,6 +130,8 @@ def taid_update(state: TaidState, loss, step, config: DistillLossConfig) -> Taid
     ramp = config.taid_t_start + (config.taid_t_end - config.taid_t_start) * jnp.clip(
         jnp.asarray(step, jnp.float32) / config.total_steps, 0.0, 1.0)
     t = jnp.minimum(config.taid_t_end, jnp.maximum(ramp, state.t + delta))
+    # As the reference implementation, the first call only records the loss.
+    t, momentum = jnp.where(first, state.t, t), jnp.where(first, state.momentum, momentum)
     return TaidState(t.astype(jnp.float32), momentum.astype(jnp.float32), loss)
 
 
