@@ -348,7 +348,7 @@ def test_taid_target_and_t_update():
         falling = taid_update(falling, 10.0 - 0.04 * step, step, config)
         rising = taid_update(rising, 2.0 + 0.04 * step, step, config)
         ramp = 0.4 + 0.6 * step / 1000
-        assert float(rising.t) >= ramp - 1e-6 and float(falling.t) <= 1.0
+        assert (step == 1 or float(rising.t) >= ramp - 1e-6) and float(falling.t) <= 1.0  # step 1 records the loss
     assert float(falling.t) > float(rising.t)
     assert float(taid_update(falling, 1.0, 1000, config).t) == 1.0  # the ramp ends at t_end
 
