@@ -163,12 +163,13 @@ def test_jsd_limits_and_symmetry_and_skew_limits():
 
 # ---- target formats -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kind,tau", [("forward_kl", 1.0), ("reverse_kl", 2.0), ("jsd", 1.0), ("skew_kl", 2.0)])
-def test_topk_with_k_equal_vocab_equals_dense(kind, tau):
+@pytest.mark.parametrize("kind,tau,confidence", [("forward_kl", 1.0, "none"), ("reverse_kl", 2.0, "label_prob"),
+                                                 ("jsd", 1.0, "entropy"), ("skew_kl", 2.0, "none")])
+def test_topk_with_k_equal_vocab_equals_dense(kind, tau, confidence):
     zs, zt, y, w = _data(5)
     order = np.argsort(-zt, axis=-1)  # any order of the ids: here the teacher's ranking, as a cache stores it
     lp = np.take_along_axis(np.asarray(jax.nn.log_softmax(jnp.asarray(zt))), order, -1)
-    config = DistillLossConfig(divergence=kind, temperature=tau, alpha=0.7)
+    config = DistillLossConfig(divergence=kind, temperature=tau, alpha=0.7, confidence=confidence)
     sparse, g_sparse = _with_grad(lambda s: distill_loss(identity, s, TopKTargets(jnp.asarray(order), jnp.asarray(lp)),
                                                          jnp.asarray(y), jnp.asarray(w), config=config, step=0,
                                                          chunk=4), zs)
@@ -184,7 +185,8 @@ def test_topk_tail_bucket_matches_formula():
     ids = np.argsort(-zt, axis=-1)[..., :k]
     lp = np.take_along_axis(lt, ids, -1)
     out = distill_loss(identity, jnp.asarray(zs), TopKTargets(jnp.asarray(ids), jnp.asarray(lp, jnp.float32)),
-                       jnp.asarray(y), jnp.asarray(w), config=DistillLossConfig(alpha=1.0), step=0, chunk=4)
+                       jnp.asarray(y), jnp.asarray(w), config=DistillLossConfig(alpha=1.0, confidence="label_prob"),
+                       step=0, chunk=4)
     ls = _log_softmax(zs.astype(np.float64))
     ls_k = np.take_along_axis(ls, ids, -1)
     tail_t, tail_s = 1 - np.exp(lp).sum(-1), 1 - np.exp(ls_k).sum(-1)
@@ -195,6 +197,7 @@ def test_topk_tail_bucket_matches_formula():
     in_k = (ids == y[..., None]).any(-1)
     tce = np.where(in_k, -np.take_along_axis(lt, y[..., None], -1)[..., 0], -np.log(tail_t / (V - k)))
     np.testing.assert_allclose(out["teacher_ce_sum"], tce.sum(), rtol=RTOL)
+    np.testing.assert_allclose(out["alpha_sum"], np.exp(-tce).sum(), rtol=RTOL)  # alpha * p_T(label)
     assert float(out["disagree_sum"]) == float((ids[..., 0] != y).sum())
 
 

@@ -73,9 +73,12 @@ DISTILL_SUMS = ("loss_sum", "soft_sum", "hard_sum", "kl_sum", "teacher_ce_sum", 
 
 
 def _check_targets(config: DistillLossConfig, targets: Targets) -> None:
-    if not isinstance(targets, OnlineTargets) and (config.confidence != "none" or config.target != "teacher"):
-        raise ValueError(f"DistillLossConfig.confidence={config.confidence!r} and target={config.target!r} need "
-                         "the teacher's logits: use OnlineTargets, or confidence='none' and target='teacher'")
+    if not isinstance(targets, OnlineTargets) and config.target != "teacher":
+        raise ValueError(f"DistillLossConfig.target={config.target!r} needs the teacher's logits: use OnlineTargets, "
+                         "or target='teacher' with cached targets")
+    if isinstance(targets, SampledTargets) and config.confidence != "none":
+        raise ValueError(f"DistillLossConfig.confidence={config.confidence!r} needs p_T, which a few sampled draws "
+                         "do not estimate per token: use confidence='none' with SampledTargets")
     if isinstance(targets, SampledTargets) and (config.divergence != "forward_kl" or config.temperature != 1.0):
         raise ValueError("SampledTargets are an unbiased estimate of p_T at temperature 1 for the forward KL only: "
                          f"got divergence={config.divergence!r}, temperature={config.temperature}")
@@ -126,8 +129,16 @@ def _sparse_terms(config, logits, labels, ids, values, sampled: bool):
         tail_share = t1[..., -1] - math.log(max(vocab - ids.shape[-1], 1))
         teacher_ce = -jnp.where(jnp.any(match, axis=-1), hit, tail_share)
     top = jnp.take_along_axis(ids, jnp.argmax(values, axis=-1)[..., None], axis=-1)[..., 0]
-    return {"soft": soft, "kl": kl(t1, s1), "teacher_ce": teacher_ce,
-            "disagree": (top != labels).astype(jnp.float32)}
+    terms = {"soft": soft, "kl": kl(t1, s1), "teacher_ce": teacher_ce, "disagree": (top != labels).astype(jnp.float32)}
+    if config.confidence == "label_prob":
+        terms["confidence"] = jnp.exp(-teacher_ce)
+    elif config.confidence == "entropy":
+        # Entropy of the bins, plus the tail's spread over V - K tokens: tail * log(V - K).
+        p = jnp.exp(t1)
+        entropy = -jnp.sum(jnp.where(p > 0, p * jnp.where(p > 0, t1, 0.0), 0.0), axis=-1)
+        entropy += p[..., -1] * math.log(max(vocab - ids.shape[-1], 1))
+        terms["confidence"] = 1.0 - entropy / math.log(vocab)
+    return terms
 
 
 def distill_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student_hidden: jax.Array,
