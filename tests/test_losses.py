@@ -112,7 +112,7 @@ def test_zero_with_zero_gradient_when_student_equals_teacher(kind, tau):
     config = DistillLossConfig(divergence=kind, temperature=tau, alpha=1.0, alpha_end=1.0)
     soft = lambda h: distill_loss(logits_fn, h, OnlineTargets(logits_fn, hidden), jnp.zeros((B, T), int),
                                   jnp.ones((B, T)), config=config, step=0, chunk=4)["soft_sum"]
-    value, grad = jax.value_and_grad(soft)(hidden)
+    value, grad = jax.jit(jax.value_and_grad(soft))(hidden)
     assert abs(float(value)) < 1e-5
     np.testing.assert_allclose(grad, 0.0, atol=1e-5)
 
