@@ -20,11 +20,14 @@ from safetensors import safe_open
 from safetensors.numpy import save_file
 
 import llama4_jax.cli
-from llama4_jax import TINY_MAVERICK, TINY_SCOUT, Llama4Config, Llama4ForCausalLM, load_hf, save_hf
+from llama4_jax import TINY_MAVERICK, TINY_SCOUT, Llama4Config, Llama4ForCausalLM, checkpoint, load_hf, save_hf
 from llama4_jax.checkpoint import restore_model, save_model
 from llama4_jax.convert import safetensors_io as st
+from llama4_jax.convert import streaming
+from llama4_jax.convert.hf import entries
+from llama4_jax.convert.pipeline import prefetch
 from llama4_jax.convert.save import LLAMA4_SPECIAL_TOKENS, hf_config_json
-from llama4_jax.convert.streaming import hf_to_orbax
+from llama4_jax.convert.streaming import hf_to_orbax, orbax_to_hf
 from llama4_jax.sharding import MeshConfig, make_mesh, state_shardings
 
 SCOUT_LIKE = TINY_SCOUT.replace(num_hidden_layers=8)  # all MoE, 2 scanned blocks
@@ -203,11 +206,11 @@ def test_failed_export_leaves_no_directory(tmp_path, monkeypatch):
     calls = []
     original = st.SafetensorsWriter.write
 
-    def failing_write(self, name, array):
+    def failing_write(self, name, array, row=0):
         calls.append(name)
         if len(calls) == 20:
             raise OSError("disk full")
-        original(self, name, array)
+        original(self, name, array, row)
 
     monkeypatch.setattr(st.SafetensorsWriter, "write", failing_write)
     with pytest.raises(OSError, match="disk full"):
@@ -247,6 +250,115 @@ def test_streamed_orbax_checkpoint_restores_to_the_same_model(tmp_path):
     assert stats.tensors == len(_tensors(src))
     ids = jnp.asarray(random_ids(SCOUT_LIKE, 2, 24))
     np.testing.assert_array_equal(np.asarray(restore_model(tmp_path / "ckpt")(ids)), np.asarray(load_hf(src)(ids)))
+
+
+def _spy_block_io(monkeypatch) -> list[tuple]:
+    """Records (read or write, stored array, its shape, block index, shape moved, first row) for every
+    tensorstore read or write of a block or piece of one, and fails any whole-checkpoint Orbax load."""
+    moved = []
+    read, write = checkpoint._read_block, checkpoint._write_part
+
+    def spy_read(array, index, out):
+        result = read(array, index, out)
+        moved.append(("read", id(array), tuple(array.shape), index, result.shape, 0))
+        return result
+
+    def spy_write(array, index, value, start):
+        moved.append(("write", id(array), tuple(array.shape), index, value.shape, start))
+        write(array, index, value, start)
+
+    monkeypatch.setattr(checkpoint, "_read_block", spy_read)
+    monkeypatch.setattr(checkpoint, "_write_part", spy_write)
+    monkeypatch.setattr(checkpoint.ocp, "load", lambda *a, **k: pytest.fail("whole-checkpoint ocp.load"))
+    return moved
+
+
+@pytest.mark.parametrize("config", [SCOUT_LIKE.replace(num_hidden_layers=12), MAVERICK_LIKE],
+                         ids=["scout-3-blocks", "maverick-2-blocks"])
+def test_streamed_conversion_moves_one_block_at_a_time_and_is_bit_exact(tmp_path, monkeypatch, config):
+    src = _hf_checkpoint(tmp_path / "hf", config, torch.bfloat16, max_shard_size="300KB")
+    # Chunks and pieces far smaller than a block, so that blocks are moved in several of each.
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 4096)
+    monkeypatch.setattr(streaming, "PIECE_BYTES", 16384)
+    moved = _spy_block_io(monkeypatch)
+    hf_to_orbax(src, tmp_path / "ckpt")
+    orbax_to_hf(tmp_path / "ckpt", tmp_path / "back", max_shard_size="300KB")
+    _assert_same_tensors(src, tmp_path / "back")  # HF -> Orbax -> HF, bit for bit
+    # Stacked parameters move by blocks (reads) or pieces of one block (writes), never as a whole stack.
+    stacked = [m for m in moved if m[2][0] == config.num_blocks]
+    assert all(index is not None and part[1:] == shape[2:] for _, _, shape, index, part, _ in stacked), stacked[:3]
+    reads = [m for m in stacked if m[0] == "read" and m[4] == m[2][1:]]
+    writes: dict = {}
+    for kind, array, shape, index, part, start in stacked:
+        if kind == "write":
+            writes.setdefault((array, shape, index), []).append((start, part[0]))
+    num_stacked = len([e for e in entries(config) if e.block == 0])
+    assert len(reads) == len(writes) == config.num_blocks * num_stacked
+    assert all(sorted(pieces)[0][0] == 0 and sum(n for _, n in pieces) == shape[1] for (_, shape, _), pieces
+               in writes.items())
+    assert max(len(pieces) for pieces in writes.values()) > 1  # the expert blocks went in pieces
+    monkeypatch.undo()  # HF -> Orbax, bit for bit: the restored model holds what load_hf gives
+    restored = _params(restore_model(tmp_path / "ckpt"))
+    for path, value in _params(load_hf(src)).items():
+        assert restored[path].dtype == jnp.bfloat16, path
+        np.testing.assert_array_equal(np.asarray(restored[path]).view(np.uint16), np.asarray(value).view(np.uint16))
+
+
+@pytest.mark.parametrize("layout", ["save_model", "orbax_defaults"])
+def test_whole_array_checkpoints_export_per_block(tmp_path, monkeypatch, layout):
+    model = Llama4ForCausalLM(SCOUT_LIKE.replace(num_hidden_layers=12), rngs=nnx.Rngs(0))
+    if layout == "save_model":  # whole arrays through Orbax, chunked per block
+        save_model(model, tmp_path / "ckpt")
+    else:  # Orbax's defaults: OCDBT, one chunk per array (spanning all blocks)
+        params = {checkpoint.PARAMS_KEY: nnx.to_pure_dict(nnx.state(model, nnx.Param))}
+        checkpoint.ocp.save(tmp_path / "ckpt", params, custom_metadata={checkpoint.CONFIG_KEY: model.config.to_hf()})
+    save_hf(model, tmp_path / "direct", max_shard_size="300KB")
+    moved = _spy_block_io(monkeypatch)
+    orbax_to_hf(tmp_path / "ckpt", tmp_path / "back", max_shard_size="300KB")
+    _assert_same_tensors(tmp_path / "direct", tmp_path / "back")
+    assert all(part == shape[1:] for _, _, shape, index, part, _ in moved if index is not None)
+    assert len([m for m in moved if m[3] is not None]) == 3 * len([e for e in entries(model.config) if e.block == 0])
+
+
+def test_chunks_are_contiguous_and_bounded(monkeypatch):
+    monkeypatch.setattr(checkpoint, "CHUNK_BYTES", 32 * 2**20)
+    assert checkpoint.chunk_shape((4, 16, 2048, 2, 2048), 2, stacked=True) == (1, 2, 2048, 2, 2048)
+    assert checkpoint.chunk_shape((4, 16, 5120, 2, 8192), 2, stacked=True) == (1, 1, 1024, 2, 8192)
+    assert checkpoint.chunk_shape((2048, 65536), 2, stacked=False) == (256, 65536)
+    assert checkpoint.chunk_shape((4, 64), 4, stacked=True) == (1, 64)
+
+
+def test_unfinished_parts_leave_no_checkpoint(tmp_path):
+    shape = (3, 8, 4)
+    with pytest.raises(ValueError, match=r"parts never \(fully\) written: w\[2\]"):
+        with checkpoint.ParamWriter(tmp_path / "ckpt", SCOUT_LIKE) as writer:
+            first = np.zeros(checkpoint.chunk_shape(shape, 4, stacked=True), np.float32)
+            writer.add({("w",): checkpoint.FirstChunk(first, shape, stacked=True)})
+            for block in (0, 1):
+                writer.write_part(("w",), block, np.full(shape[1:], block, np.float32))
+            with pytest.raises(ValueError, match="written already"):
+                writer.write_part(("w",), 1, np.ones(shape[1:], np.float32))
+            writer.write_part(("w",), 2, np.ones((4, 4), np.float32))  # half of block 2
+            writer.finish()
+    assert os.listdir(tmp_path) == []
+
+
+def test_prefetch_keeps_order_reuses_two_slots_and_raises_at_the_failed_item():
+    slots = set()
+
+    def load(item, slot):
+        slots.add(id(slot))
+        if item == 5:
+            raise RuntimeError("item 5")
+        out = slot.array((4,), np.int64)
+        out[:] = item
+        return out
+
+    got = []
+    with pytest.raises(RuntimeError, match="item 5"):
+        for item, value in prefetch(range(10), load, slot_bytes=32):
+            got.append((item, value.tolist()))
+    assert got == [(i, [i] * 4) for i in range(5)] and len(slots) == 2
 
 
 def test_cli_convert_both_directions(tmp_path, capsys, monkeypatch):

@@ -120,12 +120,15 @@ def _stored_dtype(tensors: dict[str, st.TensorInfo], prefix: str) -> np.dtype:
 
 
 def read_param(checkpoint: HFCheckpoint, group: Sequence[Entry], shape: tuple[int, ...], dtype,
-               index: tuple[slice, ...] | None = None) -> np.ndarray:
+               index: tuple[slice, ...] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Our-layout value of one parameter of `shape`, or the part that `index` (slices, as
-    `jax.make_array_from_callback` passes them) selects, cast to `dtype`. `group` holds its HF tensors (one
-    per block when stacked). Each HF tensor is read at most once, and only the rows the part needs."""
+    `jax.make_array_from_callback` passes them) selects, cast to `dtype`, written into `out` if given (a
+    C-contiguous array of the part's shape and dtype). `group` holds its HF tensors (one per block when
+    stacked). Each HF tensor is read at most once, and only the rows the part needs."""
     bounds = [s.indices(n)[:2] for s, n in zip(index or (slice(None),) * len(shape), shape)]
-    out = np.empty([stop - start for start, stop in bounds], dtype)
+    if out is None:
+        out = np.empty([stop - start for start, stop in bounds], dtype)
+    assert out.shape == tuple(b - a for a, b in bounds) and out.dtype == dtype and out.flags.c_contiguous, bounds
     if group[0].block is None:
         _fill(out, checkpoint.tensors[group[0].hf_name], group[0], shape, bounds)
         return out
@@ -140,11 +143,11 @@ def _fill(out: np.ndarray, info: st.TensorInfo, entry: Entry, shape: tuple[int, 
           bounds: list[tuple[int, int]]) -> None:
     """Writes into `out` the part `bounds` of one HF tensor in our layout `shape`."""
     kind = entry.transform.kind
-    full = all(b == (0, n) for b, n in zip(bounds, shape))
     inner = tuple(slice(*b) for b in bounds)
     if kind != "linear" and len(info.shape) >= 2:  # identity / split_last: HF and our leading dims coincide
-        if full and st.DTYPES[info.dtype] == out.dtype:
-            st.read_tensor(info, out=out.reshape(info.shape))  # same bytes: straight into place, no copy
+        if all(b == (0, n) for b, n in zip(bounds[1:], shape[1:])) and st.DTYPES[info.dtype] == out.dtype:
+            # Whole leading-dim rows in the same bytes: read straight into place, no copy.
+            st.read_tensor(info, slice(*bounds[0]), out=out.reshape(-1, *info.shape[1:]))
             return
         rows = st.read_tensor(info, slice(*bounds[0]))  # only the leading-dim rows this part covers
         out[...] = rows.reshape(rows.shape[0], *shape[1:])[(slice(None), *inner[1:])]
@@ -164,9 +167,10 @@ def _fill_linear(out: np.ndarray, info: st.TensorInfo, shape: tuple[int, ...], b
     step = max(1, block_bytes // (fan_in * st.DTYPES[info.dtype].itemsize))
     direct = all(b == (0, n) for b, n in zip(bounds[:-1], shape[:-1])) and st.DTYPES[info.dtype] == out.dtype
     flat = out.reshape(-1, last - first) if direct else None
+    buffer = np.empty((min(step, last - first), fan_in), st.DTYPES[info.dtype])  # reused: no page faults
     for start in range(first, last, step):
         stop = min(start + step, last)
-        rows = st.read_tensor(info, slice(start, stop))  # (stop - start, fan_in)
+        rows = st.read_tensor(info, slice(start, stop), out=buffer[:stop - start])  # (stop - start, fan_in)
         if direct:
             transpose_2d(rows, out=flat[:, start - first:stop - first])
         else:

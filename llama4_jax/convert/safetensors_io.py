@@ -212,20 +212,34 @@ class SafetensorsWriter:
         self._data_start = 8 + len(raw)
         self.file = Path(file)
         self._fd: int | None = os.open(self.file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
-        self._pending = set(self._slots)
+        self._pending = {name: math.prod(shape) for name, (_, shape, _) in self._slots.items()}  # elements left
         self._write_at(memoryview(struct.pack("<Q", len(raw)) + raw), 0)
         os.ftruncate(self._fd, self._data_start + position)
 
-    def write(self, name: str, array: np.ndarray) -> None:
+    def write(self, name: str, array: np.ndarray, row: int = 0) -> None:
+        """Writes tensor `name`, or, from leading-dim row `row` on, the rows `array` holds (a transposing
+        writer may give a large tensor in slabs). Every element must be written exactly once."""
         code, shape, position = self._slots[name]
-        if name not in self._pending:
-            raise ValueError(f"{self.file}: tensor {name!r} written twice")
-        if array.shape != shape or dtype_code(array.dtype) != code:
+        fits = array.shape == shape and row == 0 or (
+            len(shape) == array.ndim > 0 and array.shape[1:] == shape[1:] and 0 <= row <= shape[0] - array.shape[0])
+        if not fits or dtype_code(array.dtype) != code:
             raise ValueError(f"{self.file}: tensor {name!r} planned as {code} {list(shape)}, got "
-                             f"{array.dtype} {list(array.shape)}")
+                             f"{array.dtype} {list(array.shape)} at row {row}")
+        left = self._pending.get(name)
+        if left is None or array.size > left:
+            raise ValueError(f"{self.file}: tensor {name!r} written twice")
         data = np.ascontiguousarray(array).reshape(-1).view(np.uint8)
-        self._write_at(memoryview(data), self._data_start + position)
-        self._pending.discard(name)
+        row_bytes = math.prod(shape[1:]) * DTYPES[code].itemsize
+        self._write_at(memoryview(data), self._data_start + position + row * row_bytes)
+        if left > array.size:
+            self._pending[name] = left - array.size
+        else:
+            del self._pending[name]
+
+    @property
+    def complete(self) -> bool:
+        """Whether every planned tensor has been written."""
+        return not self._pending
 
     def _write_at(self, view: memoryview, offset: int) -> None:
         while view.nbytes:
@@ -233,10 +247,10 @@ class SafetensorsWriter:
             view, offset = view[n:], offset + n
 
     def close(self) -> None:
-        """Checks that every planned tensor was written, then syncs the file to disk."""
+        """Checks that every planned tensor was written, then closes the file (idempotent). It does not sync:
+        `atomic_directory` syncs every file before the rename that publishes them."""
         if self._pending:
-            raise ValueError(f"{self.file}: tensors never written: {sorted(self._pending)}")
-        os.fsync(self._fd)
+            raise ValueError(f"{self.file}: tensors never (fully) written: {sorted(self._pending)}")
         self.abort()
 
     def abort(self) -> None:

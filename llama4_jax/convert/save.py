@@ -2,15 +2,16 @@
 
 Output: model-0000i-of-0000N.safetensors (metadata {"format": "pt"}), model.safetensors.index.json,
 config.json (`Llama4ForCausalLM`, model_type `llama4_text`), generation_config.json, and tokenizer files
-when given. Shards follow Hugging Face's order and split rule; tensors are produced parameter by parameter
-(each stacked parameter is fetched once) and written at their planned offsets.
+when given. Shards follow Hugging Face's order and split rule; tensors are fetched one at a time (one block of
+a stacked parameter), ahead of the writes by one tensor, and written at their planned offsets.
 """
 
 from __future__ import annotations
 
+import math
 import shutil
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,8 +22,9 @@ from tqdm import tqdm
 
 from llama4_jax.config import Llama4Config
 from llama4_jax.convert import safetensors_io as st
-from llama4_jax.convert.files import ConversionStats, atomic_directory, release_freed_memory, write_json
-from llama4_jax.convert.hf import TEXT_PREFIX, Entry, entries
+from llama4_jax.convert.files import ConversionStats, EarlySync, atomic_directory, release_freed_memory, write_json
+from llama4_jax.convert.hf import TEXT_PREFIX, Entry, entries, transpose_2d
+from llama4_jax.convert.pipeline import Slot, prefetch
 
 LLAMA4_VOCAB_SIZE = 202048
 # Special tokens of the Llama 4 tokenizer (<|begin_of_text|>, <|end_of_text|>, <|eom|>, <|eot|>,
@@ -32,10 +34,11 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
                    "added_tokens.json", "chat_template.jinja", "chat_template.json")
 _TORCH_DTYPE_NAMES = {"F32": "float32", "BF16": "bfloat16", "F16": "float16", "F64": "float64"}
 
-# Our parameter paths -> those parameters, each an array-like indexable by block (jax.Array or numpy).
-ParamSource = Callable[[list[tuple]], dict[tuple, Any]]
-# Small parameters travel together (one Orbax call has a fixed cost); a larger one goes alone.
-BATCH_BYTES = 64 * 2**20
+# The part of one of our parameters that an HF tensor holds, in our layout: block `entry.block` of a stacked
+# parameter, the whole parameter otherwise; placed in the given slot (`slot.array(shape, dtype)`) if it can.
+TensorSource = Callable[[Entry, Slot], np.ndarray]
+# nn.Linear weights are transposed into the file in slabs of HF rows of about this size.
+SLAB_BYTES = 32 * 2**20
 
 
 def save_hf(model, path: str | Path, *, dtype=None, max_shard_size: int | str = "5GB", tokenizer=None,
@@ -54,16 +57,27 @@ def save_hf(model, path: str | Path, *, dtype=None, max_shard_size: int | str = 
     """
     params = dict(nnx.to_flat_state(nnx.state(model, nnx.Param)))
     shapes = {p: (tuple(v.shape), np.dtype(v.dtype)) for p, v in params.items()}
-    return write_hf(model.config, shapes, lambda paths: {p: params[p].get_value() for p in paths}, path, dtype=dtype,
-                    max_shard_size=max_shard_size, tokenizer=tokenizer, overwrite=overwrite, progress=progress)
+
+    def source(entry: Entry, slot: Slot) -> np.ndarray:
+        del slot  # device_get makes its own host array
+        value = params[entry.path].get_value()
+        # One block of one parameter to the host. Multi-host: gather with
+        # jax.experimental.multihost_utils.process_allgather and write from one process instead.
+        return np.asarray(jax.device_get(value if entry.block is None else value[entry.block]))
+
+    return write_hf(model.config, shapes, source, path, dtype=dtype, max_shard_size=max_shard_size,
+                    tokenizer=tokenizer, overwrite=overwrite, progress=progress)
 
 
-def write_hf(config: Llama4Config, shapes: dict[tuple, tuple[tuple[int, ...], np.dtype]], source: ParamSource,
+def write_hf(config: Llama4Config, shapes: dict[tuple, tuple[tuple[int, ...], np.dtype]], source: TensorSource,
              path: str | Path, *, dtype=None, max_shard_size: int | str = "5GB", tokenizer=None,
              overwrite: bool = False, progress: bool = False) -> ConversionStats:
-    """`save_hf` for any source of parameters: `shapes` maps each of our parameter paths to (shape, dtype),
-    and `source(paths)` returns those parameters. It is called once per parameter, or per batch of small
-    ones (see `batches`), and only one batch is held at a time."""
+    """`save_hf` for any source of tensors: `shapes` maps each of our parameter paths to (shape, dtype), and
+    `source(entry)` returns the part of a parameter that one HF tensor holds (see `TensorSource`).
+
+    Tensors are written in Hugging Face's order while a background thread fetches the next one, so the
+    host holds about two HF tensors at a time; files are synced once, before the directory is published.
+    """
     start = time.perf_counter()
     plan = _plan(config, shapes, dtype)
     shards = _split(plan, st.parse_size(max_shard_size))
@@ -79,17 +93,9 @@ def write_hf(config: Llama4Config, shapes: dict[tuple, tuple[tuple[int, ...], np
                                               {"format": "pt"})
                 writers.update({e.hf_name: writer for e, *_ in shard})
                 weight_map.update({e.hf_name: name for e, *_ in shard})
-            by_param = _by_param(plan)
-            for batch in batches(shapes, BATCH_BYTES, order=list(by_param)):
-                values = source(batch)
-                for entry, code, hf_shape, nbytes in (item for path in batch for item in by_param[path]):
-                    writers[entry.hf_name].write(entry.hf_name, _to_hf(values[entry.path], entry, code, hf_shape))
-                    stats.tensors, stats.bytes = stats.tensors + 1, stats.bytes + nbytes
-                    bar.update(nbytes)
-                del values
-                release_freed_memory()
-            for writer in dict.fromkeys(writers.values()):
-                writer.close()
+            for nbytes in _write_tensors(plan, shapes, source, writers):
+                stats.tensors, stats.bytes = stats.tensors + 1, stats.bytes + nbytes
+                bar.update(nbytes)
         finally:
             for writer in dict.fromkeys(writers.values()):
                 writer.abort()  # no-op for closed writers; the temporary directory is then removed
@@ -103,6 +109,55 @@ def write_hf(config: Llama4Config, shapes: dict[tuple, tuple[tuple[int, ...], np
             _save_tokenizer(tokenizer, tmp)
     stats.seconds = time.perf_counter() - start
     return stats
+
+
+def _write_tensors(plan: list, shapes: dict, source: TensorSource,
+                   writers: dict[str, st.SafetensorsWriter]) -> Iterator[int]:
+    """Writes every tensor of `plan` as a background thread fetches the next one, closing each file once
+    complete and syncing it in the background meanwhile; yields the bytes of each tensor written."""
+    # A slot holds the largest tensor in its stored dtype or its exported one, whichever is wider.
+    slot_bytes = max(math.prod(s) * max(st.DTYPES[c].itemsize, np.dtype(shapes[e.path][1]).itemsize)
+                     for e, c, s, _ in plan)
+    scratch = np.empty(SLAB_BYTES, np.uint8)  # reused by every transpose
+
+    def fetch(item: tuple, slot: Slot) -> np.ndarray:  # in the background thread
+        return source(item[0], slot).astype(st.DTYPES[item[1]], copy=False)
+
+    early_sync = EarlySync()
+    try:
+        for (entry, _, hf_shape, nbytes), value in prefetch(plan, fetch, slot_bytes=slot_bytes):
+            writer = writers[entry.hf_name]
+            _write_tensor(writer, entry, value, hf_shape, scratch)
+            del value
+            if writer.complete:
+                writer.close()
+                early_sync.submit(writer.file)
+            release_freed_memory()
+            yield nbytes
+        for writer in dict.fromkeys(writers.values()):
+            writer.close()  # raises if a planned tensor was never written
+        early_sync.wait()
+    finally:
+        early_sync.wait(check=False)  # no-op after a wait
+
+
+def _write_tensor(writer: st.SafetensorsWriter, entry: Entry, value: np.ndarray, hf_shape: tuple[int, ...],
+                  scratch: np.ndarray) -> None:
+    """Writes one tensor given in our layout. An nn.Linear weight is transposed slab by slab of HF rows
+    (in `scratch`, a uint8 buffer) straight into the file, so the host never holds a transposed copy (256
+    MiB more for a lm_head)."""
+    if entry.transform.kind != "linear":
+        writer.write(entry.hf_name, entry.transform.to_hf(value, hf_shape))  # a reshape: no copy
+        return
+    fan_in = math.prod(value.shape[:entry.transform.in_dims])
+    ours = value.reshape(fan_in, -1)  # (in, out): HF's rows are our columns
+    if fan_in * value.dtype.itemsize > scratch.size:  # not even one HF row fits
+        scratch = np.empty(fan_in * value.dtype.itemsize, np.uint8)
+    step = scratch.size // (fan_in * value.dtype.itemsize)
+    for row in range(0, ours.shape[1], step):
+        rows = min(step, ours.shape[1] - row)
+        slab = scratch[:rows * fan_in * value.dtype.itemsize].view(value.dtype).reshape(rows, fan_in)
+        writer.write(entry.hf_name, transpose_2d(ours[:, row:row + rows], out=slab), row=row)
 
 
 def hf_config_json(config: Llama4Config, dtype_name: str) -> dict[str, Any]:
@@ -138,38 +193,6 @@ def _split(plan: list, max_bytes: int) -> list[list]:
         shards[-1].append(item)
         size += item[3]
     return shards
-
-
-def _by_param(plan: list) -> dict[tuple, list]:
-    """The plan grouped by our parameter (its blocks together), so each parameter is fetched once."""
-    groups: dict[tuple, list] = {}
-    for item in plan:
-        groups.setdefault(item[0].path, []).append(item)
-    return groups
-
-
-def batches(shapes: dict[tuple, tuple[tuple[int, ...], Any]], limit: int,
-            order: list[tuple] | None = None) -> list[list[tuple]]:
-    """Parameter paths (in `order`, default that of `shapes`) in consecutive batches of at most `limit`
-    bytes; a parameter larger than `limit` forms a batch alone."""
-    out, size = [[]], 0
-    for path in order or list(shapes):
-        shape, dtype = shapes[path]
-        nbytes = int(np.prod(shape)) * np.dtype(dtype).itemsize
-        if out[-1] and size + nbytes > limit:
-            out.append([])
-            size = 0
-        out[-1].append(path)
-        size += nbytes
-    return out
-
-
-def _to_hf(value, entry: Entry, code: str, hf_shape: tuple[int, ...]) -> np.ndarray:
-    part = value if entry.block is None else value[entry.block]
-    # One block of one parameter to the host. Multi-host: gather with
-    # jax.experimental.multihost_utils.process_allgather and write from one process instead.
-    host = np.asarray(jax.device_get(part))
-    return entry.transform.to_hf(host, hf_shape).astype(st.DTYPES[code], copy=False)
 
 
 def _save_tokenizer(tokenizer, directory: Path) -> None:
