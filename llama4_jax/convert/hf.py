@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from llama4_jax.config import Llama4Config
+from llama4_jax.multimodal_config import Llama4MultimodalConfig
 
 TEXT_PREFIX = ""  # text-only checkpoints: model.*, lm_head.weight
 MULTIMODAL_PREFIX = "language_model."  # Llama4ForConditionalGeneration: language_model.model.*, ...
@@ -108,8 +109,12 @@ class Entry:
     transform: Transform
 
 
-def entries(config: Llama4Config, prefix: str = TEXT_PREFIX) -> Iterator[Entry]:
-    """Every HF tensor of a text model with this config, in HF's order."""
+def entries(config: Llama4Config | Llama4MultimodalConfig, prefix: str = TEXT_PREFIX) -> Iterator[Entry]:
+    """Every HF tensor of a text model with this config, in HF's order (of a multimodal model, whatever the
+    prefix, for a `Llama4MultimodalConfig`)."""
+    if isinstance(config, Llama4MultimodalConfig):
+        yield from multimodal_entries(config)
+        return
     yield Entry(f"{prefix}model.embed_tokens.weight", ("model", "embed_tokens"), None, IDENTITY)
     p = config.block_size
     for i, spec in enumerate(config.layer_specs):
@@ -123,6 +128,41 @@ def entries(config: Llama4Config, prefix: str = TEXT_PREFIX) -> Iterator[Entry]:
     yield Entry(f"{prefix}model.norm.weight", ("model", "norm", "weight"), None, IDENTITY)
     if not config.tie_word_embeddings:  # HF omits lm_head.weight from tied checkpoints
         yield Entry(f"{prefix}lm_head.weight", ("lm_head",), None, LINEAR)
+
+
+# Vision tower, HF name under vision_model.model.layers.{j}. -> (our path under the stacked layers, transform).
+_VISION_LAYER_TABLE: dict[str, tuple[str, Transform]] = {
+    **{f"self_attn.{x}_proj.{kind}": (f"self_attn.{x}_{'proj' if kind == 'weight' else 'bias'}",
+                                      LINEAR if kind == "weight" else SPLIT_LAST)
+       for x in ("q", "k", "v") for kind in ("weight", "bias")},
+    "self_attn.o_proj.weight": ("self_attn.o_proj", LINEAR_OUT),
+    "self_attn.o_proj.bias": ("self_attn.o_bias", IDENTITY),
+    **{f"mlp.{fc}.weight": (f"mlp.{fc}", LINEAR) for fc in ("fc1", "fc2")},
+    **{f"mlp.{fc}.bias": (f"mlp.{fc}_bias", IDENTITY) for fc in ("fc1", "fc2")},
+    **{f"{norm}.{kind}": (f"{norm}.{kind}", IDENTITY)
+       for norm in ("input_layernorm", "post_attention_layernorm") for kind in ("weight", "bias")},
+}
+
+
+def multimodal_entries(config: Llama4MultimodalConfig) -> Iterator[Entry]:
+    """Every HF tensor of `Llama4ForConditionalGeneration`, in HF's order: vision_model.*,
+    multi_modal_projector.*, then the text model under language_model.*."""
+    v = "vision_model."
+    yield Entry(f"{v}class_embedding", ("vision_model", "class_embedding"), None, IDENTITY)
+    yield Entry(f"{v}positional_embedding_vlm", ("vision_model", "positional_embedding_vlm"), None, IDENTITY)
+    yield Entry(f"{v}patch_embedding.linear.weight", ("vision_model", "patch_embedding"), None, LINEAR)
+    for norm in ("layernorm_pre", "layernorm_post"):
+        for kind in ("weight", "bias"):
+            yield Entry(f"{v}{norm}.{kind}", ("vision_model", norm, kind), None, IDENTITY)
+    for j in range(config.vision_config.num_hidden_layers):
+        for hf_suffix, (ours, transform) in _VISION_LAYER_TABLE.items():
+            yield Entry(f"{v}model.layers.{j}.{hf_suffix}", ("vision_model", "layers", *ours.split(".")), j,
+                        transform)
+    for fc in ("fc1", "fc2"):
+        yield Entry(f"{v}vision_adapter.mlp.{fc}.weight", ("vision_model", f"adapter_{fc}"), None, LINEAR)
+    yield Entry("multi_modal_projector.linear_1.weight", ("multi_modal_projector", "linear_1"), None, LINEAR)
+    for entry in entries(config.text_config, MULTIMODAL_PREFIX):
+        yield dataclasses.replace(entry, path=("language_model", *entry.path))
 
 
 def entries_by_param(config: Llama4Config, prefix: str = TEXT_PREFIX) -> dict[tuple, list[Entry]]:
