@@ -21,10 +21,14 @@ class ParamCounts:
 
 
 def abstract_model(config: Llama4Config, param_dtype: jnp.dtype = jnp.bfloat16):
-    """The model with ShapeDtypeStruct leaves: builds full-size presets for free."""
+    """The model with ShapeDtypeStruct leaves: builds full-size presets for free (a multimodal config gives
+    `Llama4ForConditionalGeneration`)."""
     from llama4_jax.model import Llama4ForCausalLM
+    from llama4_jax.model.multimodal import Llama4ForConditionalGeneration
+    from llama4_jax.multimodal_config import Llama4MultimodalConfig
 
-    return nnx.eval_shape(lambda: Llama4ForCausalLM(config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
+    model_class = Llama4ForConditionalGeneration if isinstance(config, Llama4MultimodalConfig) else Llama4ForCausalLM
+    return nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0), param_dtype=param_dtype))
 
 
 def count_params(config: Llama4Config) -> ParamCounts:

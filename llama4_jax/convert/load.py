@@ -7,7 +7,8 @@ needs (an expert slice of a fused expert tensor, a vocabulary slice of the embed
 at most one shard plus one HF tensor at a time, never the model.
 
 Multimodal checkpoints (`Llama4ForConditionalGeneration`, names under `language_model.`) load as the text
-model; their `vision_model.*` and `multi_modal_projector.*` tensors are ignored.
+model; their `vision_model.*` and `multi_modal_projector.*` tensors are ignored, unless `multimodal=True`
+loads the whole `Llama4ForConditionalGeneration`.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ from llama4_jax.convert import safetensors_io as st
 from llama4_jax.convert.hf import MULTIMODAL_PREFIX, TEXT_PREFIX, Entry, entries, entries_by_param, transpose_2d
 from llama4_jax.counting import abstract_model
 from llama4_jax.model import Llama4ForCausalLM
+from llama4_jax.model.multimodal import Llama4ForConditionalGeneration
+from llama4_jax.multimodal_config import Llama4MultimodalConfig
 from llama4_jax.sharding import TRAIN_RULES, Rules, state_shardings
 
 IGNORED_PREFIXES = ("vision_model.", "multi_modal_projector.")  # vision tower of multimodal checkpoints
@@ -40,18 +43,19 @@ class HFCheckpoint:
     its weights are stored in."""
 
     directory: Path
-    config: Llama4Config
+    config: Llama4Config | Llama4MultimodalConfig
     prefix: str
     tensors: dict[str, st.TensorInfo]
     dtype: np.dtype
 
 
-def open_hf(path: str | Path) -> HFCheckpoint:
+def open_hf(path: str | Path, *, multimodal: bool = False) -> HFCheckpoint:
     """Checks a Hugging Face Llama 4 directory (config.json plus single or index-sharded safetensors).
 
     Raises one ValueError listing every problem: unreadable or unsupported config fields, missing or
     truncated or non-safetensors files, missing and unexpected tensor names, wrong shapes, non-float dtypes.
-    Pickle checkpoints (.bin, .pt) are refused, never opened.
+    Pickle checkpoints (.bin, .pt) are refused, never opened. With `multimodal`, the checkpoint must be a
+    `llama4` one and its vision tensors are checked too.
     """
     path = Path(path)
     if path.suffix in st.PICKLE_SUFFIXES:
@@ -60,7 +64,7 @@ def open_hf(path: str | Path) -> HFCheckpoint:
     if not path.is_dir():
         raise ValueError(f"{path}: expected a Hugging Face checkpoint directory (config.json + *.safetensors)")
     problems: list[str] = []
-    config = _read_config(path, problems)
+    config = _read_config(path, problems, multimodal)
     tensors, file_problems = st.open_directory(path)
     problems += file_problems
     prefix = MULTIMODAL_PREFIX if any(k.startswith(MULTIMODAL_PREFIX) for k in tensors) else TEXT_PREFIX
@@ -73,10 +77,10 @@ def open_hf(path: str | Path) -> HFCheckpoint:
     return HFCheckpoint(path, config, prefix, tensors, _stored_dtype(tensors, prefix))
 
 
-def _read_config(path: Path, problems: list[str]) -> Llama4Config | None:
+def _read_config(path: Path, problems: list[str], multimodal: bool = False):
     file = path / "config.json"
     try:
-        return Llama4Config.from_hf(json.loads(file.read_text()))
+        return (Llama4MultimodalConfig if multimodal else Llama4Config).from_hf(json.loads(file.read_text()))
     except FileNotFoundError:
         problems.append(f"{file}: missing")
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
@@ -93,7 +97,8 @@ def _check_tensors(config: Llama4Config, prefix: str, tensors: dict[str, st.Tens
     for name, info in tensors.items():
         entry = expected.get(name)
         if entry is None:
-            ignored = name.startswith(IGNORED_PREFIXES) or (
+            text_only = not isinstance(config, Llama4MultimodalConfig)
+            ignored = (text_only and name.startswith(IGNORED_PREFIXES)) or (
                 config.tie_word_embeddings and name == f"{prefix}lm_head.weight")  # tied: HF ignores it too
             if not ignored:
                 problems.append(f"unexpected tensor {name} (in {info.file.name})")
@@ -182,7 +187,7 @@ def _fill_linear(out: np.ndarray, info: st.TensorInfo, shape: tuple[int, ...], b
 
 
 def load_hf(path: str | Path, *, mesh: Mesh | None = None, dtype=None, rules: Rules = TRAIN_RULES,
-            model_kwargs: dict | None = None) -> Llama4ForCausalLM:
+            model_kwargs: dict | None = None, multimodal: bool = False) -> Llama4ForCausalLM:
     """Loads a Hugging Face Llama 4 checkpoint (text or multimodal layout) into `Llama4ForCausalLM`.
 
     Args:
@@ -191,13 +196,16 @@ def load_hf(path: str | Path, *, mesh: Mesh | None = None, dtype=None, rules: Ru
         None puts the model on the first device.
       dtype: parameter dtype; None keeps the checkpoint's (so bf16 stays bf16 and round trips bit for bit).
       model_kwargs: more `Llama4ForCausalLM` arguments (scan_layers, moe_impl, dtype, gmm_backend).
+      multimodal: load a `llama4` checkpoint whole, as `Llama4ForConditionalGeneration` (vision tower and
+        projector included); by default only its text model is loaded.
 
     Raises ValueError listing every problem with the checkpoint before any tensor is read.
     """
-    checkpoint = open_hf(path)
+    checkpoint = open_hf(path, multimodal=multimodal)
     dtype = np.dtype(dtype) if dtype is not None else checkpoint.dtype
-    abstract = nnx.eval_shape(lambda: Llama4ForCausalLM(checkpoint.config, rngs=nnx.Rngs(0), param_dtype=dtype,
-                                                        **(model_kwargs or {})))
+    model_class = Llama4ForConditionalGeneration if multimodal else Llama4ForCausalLM
+    abstract = nnx.eval_shape(lambda: model_class(checkpoint.config, rngs=nnx.Rngs(0), param_dtype=dtype,
+                                                  **(model_kwargs or {})))
     graphdef, state = nnx.split(abstract)
     groups = entries_by_param(checkpoint.config, checkpoint.prefix)
     flat = list(nnx.to_flat_state(state))

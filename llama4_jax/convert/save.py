@@ -25,6 +25,7 @@ from llama4_jax.convert import safetensors_io as st
 from llama4_jax.convert.files import ConversionStats, EarlySync, atomic_directory, release_freed_memory, write_json
 from llama4_jax.convert.hf import TEXT_PREFIX, Entry, entries, transpose_2d
 from llama4_jax.convert.pipeline import Slot, prefetch
+from llama4_jax.multimodal_config import Llama4MultimodalConfig
 
 LLAMA4_VOCAB_SIZE = 202048
 # Special tokens of the Llama 4 tokenizer (<|begin_of_text|>, <|end_of_text|>, <|eom|>, <|eot|>,
@@ -43,7 +44,8 @@ SLAB_BYTES = 32 * 2**20
 
 def save_hf(model, path: str | Path, *, dtype=None, max_shard_size: int | str = "5GB", tokenizer=None,
             overwrite: bool = False, progress: bool = False) -> ConversionStats:
-    """Saves a `Llama4ForCausalLM` as a Hugging Face checkpoint that `transformers` loads directly.
+    """Saves a `Llama4ForCausalLM` (or a `Llama4ForConditionalGeneration`, as that) as a Hugging Face
+    checkpoint that `transformers` loads directly.
 
     Args:
       path: output directory; written as `.{name}.tmp-*` beside it and renamed into place when complete.
@@ -160,15 +162,20 @@ def _write_tensor(writer: st.SafetensorsWriter, entry: Entry, value: np.ndarray,
         writer.write(entry.hf_name, transpose_2d(ours[:, row:row + rows], out=slab), row=row)
 
 
-def hf_config_json(config: Llama4Config, dtype_name: str) -> dict[str, Any]:
-    """config.json for `Llama4ForCausalLM`. RoPE is written both as `rope_parameters` (transformers >= 5)
-    and as legacy `rope_theta`/`rope_scaling` (config.to_hf does both), and the dtype as `dtype` and
-    `torch_dtype`, so old and new transformers read the same model."""
+def hf_config_json(config: Llama4Config | Llama4MultimodalConfig, dtype_name: str) -> dict[str, Any]:
+    """config.json for `Llama4ForCausalLM` (or `Llama4ForConditionalGeneration`, model_type `llama4`). RoPE is
+    written both as `rope_parameters` (transformers >= 5) and as legacy `rope_theta`/`rope_scaling`
+    (config.to_hf does both), and the dtype as `dtype` and `torch_dtype`, so old and new transformers read
+    the same model."""
     out = config.to_hf()
-    out["architectures"] = ["Llama4ForCausalLM"]
+    multimodal = isinstance(config, Llama4MultimodalConfig)
+    text = out["text_config"] if multimodal else out
+    out["architectures"] = ["Llama4ForConditionalGeneration" if multimodal else "Llama4ForCausalLM"]
     out["dtype"] = out["torch_dtype"] = dtype_name
-    if config.vocab_size == LLAMA4_VOCAB_SIZE:
-        out.update(LLAMA4_SPECIAL_TOKENS)
+    if text["vocab_size"] == LLAMA4_VOCAB_SIZE:
+        text.update(LLAMA4_SPECIAL_TOKENS)
+    if multimodal:  # generation_config.json reads the special tokens from the top level
+        out.update({k: text[k] for k in LLAMA4_SPECIAL_TOKENS})
     return out
 
 
