@@ -138,6 +138,13 @@ class Attention(nnx.Module):
         self.attention_bias = config.attention_bias
 
     def __call__(self, x: jax.Array, inputs: AttentionInputs) -> jax.Array:
+        q, k, v = self.qkv(x, inputs)
+        out = dot_product_attention(q, k, v, inputs, self.chunk_size if self.spec.chunked else None)
+        return self.output(out)
+
+    def qkv(self, x: jax.Array, inputs: AttentionInputs) -> tuple[jax.Array, jax.Array, jax.Array]:
+        """(B, T, D) -> q (B, T, N, H), k and v (B, T, K, H), with RoPE, QK norm or temperature applied (the
+        part the KV-cache path of llama4_jax.generate shares with the full forward)."""
         dtype = x.dtype
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj[...].astype(dtype))
         k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj[...].astype(dtype))
@@ -155,8 +162,11 @@ class Attention(nnx.Module):
         else:
             # NoPE layers: temperature tuning scales the queries; no RoPE, no QK norm.
             q = (q.astype(jnp.float32) * inputs.temperature[:, :, None, None]).astype(dtype)
-        out = dot_product_attention(q, k, v, inputs, self.chunk_size if self.spec.chunked else None)
-        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(dtype))
+        return q, k, v
+
+    def output(self, out: jax.Array) -> jax.Array:
+        """Attention output (B, T, N, H) -> (B, T, D) through o_proj."""
+        y = jnp.einsum("BTNH,NHD->BTD", out, self.o_proj[...].astype(out.dtype))
         if self.attention_bias:
-            y = y + self.o_bias[...].astype(dtype)
+            y = y + self.o_bias[...].astype(out.dtype)
         return y

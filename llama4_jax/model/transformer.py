@@ -52,6 +52,12 @@ class DecoderLayer(nnx.Module):
         """(B, T, D) -> (B, T, D), and router stats for MoE layers (None for dense ones)."""
         with jax.named_scope("attention"):
             h = h + self.self_attn(self.input_layernorm(h), inputs)
+        return self.feed_forward_residual(h, moe_impl=moe_impl, gmm_backend=gmm_backend,
+                                          capacity_factor=capacity_factor)
+
+    def feed_forward_residual(self, h: jax.Array, *, moe_impl: str, gmm_backend: str | None,
+                              capacity_factor: float | None) -> tuple[jax.Array, dict[str, jax.Array] | None]:
+        """h + ffn(norm(h)) and router stats (None for dense layers); shared with the KV-cache decode path."""
         h = constrain(h, RESIDUAL_AXES)
         x = self.post_attention_layernorm(h)
         if self.spec.moe:
