@@ -7,6 +7,7 @@ import sys
 import time
 
 from llama4_jax.convert.cli import add_convert_parser
+from llama4_jax.generate.cli import add_generate_parsers
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -138,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="override a field of experiments/tiny_train.py, e.g. train.steps=100")
     demo.set_defaults(func=_demo)
     add_convert_parser(sub)
+    add_generate_parsers(sub)
     _add_plan_parser(sub)
     _add_train_parser(sub)
     args = parser.parse_args(argv)
