@@ -7,6 +7,7 @@ embeddings, language_model. Float32, random weights scaled so outputs are O(1); 
 
 import json
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -167,3 +168,23 @@ def test_multimodal_load_reports_every_missing_vision_tensor(tmp_path):
     with pytest.raises(ValueError, match=r"(?s)missing tensor vision_model\.model\.layers\.2\.self_attn\.q_proj\.weight"
                                          r".*missing tensor vision_model\.model\.layers\.2\.mlp\.fc1\.bias"):
         load_hf(tmp_path / "hf", multimodal=True)
+
+
+@pytest.mark.parametrize("freeze_vision", [True, False], ids=["frozen_tower", "trained_tower"])
+def test_train_step_on_image_text_batch(freeze_vision):
+    from llama4_jax.train.multimodal import make_multimodal_train_step, split_model
+    from llama4_jax.train.optim import OptimConfig, make_optimizer
+
+    model = Llama4ForConditionalGeneration(CONFIG, rngs=nnx.Rngs(1))
+    pixels, ids = inputs(seed=6)
+    batch = {"inputs": jnp.asarray(ids), "targets": jnp.asarray(np.roll(ids, -1, axis=1)),
+             "weights": jnp.asarray(ids != IMAGE_TOKEN, jnp.float32), "pixel_values": jnp.asarray(pixels)}
+    graphdef, trainable, frozen = split_model(model, freeze_vision)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), total_steps=10)
+    step = jax.jit(make_multimodal_train_step(graphdef, tx, freeze_vision=freeze_vision))
+    new, _, metrics = step(trainable, frozen, tx.init(trainable), batch)
+    assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
+    before = nnx.to_flat_state(nnx.state(model, nnx.Param))
+    after = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, new, frozen), nnx.Param)))
+    changed = {path[0] for path, v in before if not np.array_equal(v.get_value(), after[path].get_value())}
+    assert changed == ({"language_model", "multi_modal_projector"} | (set() if freeze_vision else {"vision_model"}))
