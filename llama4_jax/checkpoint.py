@@ -232,9 +232,9 @@ class ParamReader:
 
 
 def restore_model(directory: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules = TRAIN_RULES,
-                  model_kwargs: dict | None = None) -> Llama4ForCausalLM:
+                  dtype=None, model_kwargs: dict | None = None) -> Llama4ForCausalLM:
     """Restores a model saved by `save_model` (or converted), each parameter read straight into its sharding
-    on `mesh` (None: the first device), in the dtype it was stored in."""
+    on `mesh` (None: the first device), in the dtype it was stored in or cast to `dtype` as it is read."""
     reader = ParamReader(directory)
     config, stored = reader.config, reader.shapes
     abstract = nnx.eval_shape(lambda: Llama4ForCausalLM(config, rngs=nnx.Rngs(0), **(model_kwargs or {})))
@@ -252,7 +252,8 @@ def restore_model(directory: str | os.PathLike, *, mesh: Mesh | None = None, rul
         shardings = {p: v.get_value() for p, v in nnx.to_flat_state(state_shardings(state, mesh, rules))}
     target: dict = {}
     for p, v in flat:
-        _nest_into(target, p, jax.ShapeDtypeStruct(v.shape, stored[p][1], sharding=shardings[p]))
+        stored_dtype = stored[p][1] if dtype is None else np.dtype(dtype)
+        _nest_into(target, p, jax.ShapeDtypeStruct(v.shape, stored_dtype, sharding=shardings[p]))
     with _context():
         restored = ocp.load(reader.directory, {PARAMS_KEY: target})[PARAMS_KEY]
     return nnx.merge(graphdef, nnx.from_flat_state([(p, v.replace(_lookup(restored, p))) for p, v in flat]))

@@ -57,23 +57,16 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _demo_train(args: argparse.Namespace) -> int:
-    """Train the tiny MoE of experiments/tiny_train.py on the embedded corpus (Python's own docs)."""
+    """experiments/distill_demo.py: a teacher, then the same student on hard labels and distilled, compared."""
+    import importlib.util
     import pathlib
 
-    from llama4_jax.experiment import load_experiment
-    from llama4_jax.train.loop import train
-
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "tiny_train.py"
-    experiment = load_experiment(path, args.overrides)
-    print(f"\nTraining {experiment.name}: a {experiment.model.num_hidden_layers}-layer MoE "
-          f"({experiment.model.num_local_experts} experts) on the embedded corpus for {experiment.train.steps} steps")
-    result = train(experiment, args.workdir)
-    print(f"{'preempted' if result.preempted else 'finished'} at step {result.step}; "
-          f"train loss {result.losses[0]:.3f} -> {result.losses[-1]:.3f}" if result.losses else "nothing to do")
-    print(f"  checkpoints: {result.checkpoints}")
-    print(f"  metrics:     {result.metrics} (TensorBoard: {result.workdir / 'tensorboard'})")
-    if result.plot:
-        print(f"  loss plot:   {result.plot}")
+    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "distill_demo.py"
+    spec = importlib.util.spec_from_file_location("llama4_distill_demo", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    print(f"\n{module.__doc__.strip().splitlines()[0]}")
+    module.main(args.workdir, teacher_steps=args.teacher_steps, student_steps=args.student_steps)
     return 0
 
 
@@ -130,13 +123,13 @@ def _add_plan_parser(sub) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llama4-jax", description="Llama 4 in JAX / Flax NNX")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="preset sizes and FLOPs, then a forward pass of a tiny random model")
+    demo = sub.add_parser("demo", help="preset sizes and FLOPs, a tiny forward pass, then the distillation demo")
     demo.add_argument("--seq-len", type=int, default=8192, help="sequence length for the FLOPs column")
     demo.add_argument("--seed", type=int, default=0)
-    demo.add_argument("--no-train", action="store_true", help="skip the training run")
-    demo.add_argument("--workdir", default="runs/demo", help="where the training run writes")
-    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a field of experiments/tiny_train.py, e.g. train.steps=100")
+    demo.add_argument("--no-train", action="store_true", help="skip the distillation runs")
+    demo.add_argument("--workdir", default="runs/distill_demo", help="where the three runs write")
+    demo.add_argument("--teacher-steps", type=int, default=None, help="default: experiments/distill_demo.py's")
+    demo.add_argument("--student-steps", type=int, default=None, help="default: experiments/distill_demo.py's")
     demo.set_defaults(func=_demo)
     add_convert_parser(sub)
     add_generate_parsers(sub)

@@ -17,6 +17,7 @@ from typing import Any
 
 from llama4_jax.config import PRESETS, Llama4Config
 from llama4_jax.data.config import DataConfig
+from llama4_jax.distill.config import DistillConfig
 from llama4_jax.sharding import MeshConfig
 from llama4_jax.train.optim import OptimConfig
 
@@ -63,13 +64,15 @@ class ExperimentConfig:
     optim: OptimConfig = OptimConfig()
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
-    teacher: Llama4Config | None = None  # frozen teacher for distillation (same vocabulary)
-    teacher_param_dtype: str = "bfloat16"
+    distill: DistillConfig | None = None  # a frozen teacher teaching `model` (same vocabulary)
 
     def __post_init__(self):
-        if self.teacher is not None and self.teacher.vocab_size != self.model.vocab_size:
-            raise ValueError(f"teacher.vocab_size ({self.teacher.vocab_size}) must equal model.vocab_size "
-                             f"({self.model.vocab_size})")
+        if self.distill is not None:
+            teacher = self.distill.teacher
+            if teacher.vocab_size != self.model.vocab_size:
+                raise ValueError(f"distill.teacher.vocab_size ({teacher.vocab_size}) must equal model.vocab_size "
+                                 f"({self.model.vocab_size}): teacher and student share one vocabulary")
+            self.distill.loss_config(self.train.steps)  # schedules must fit in the run: raises early
 
 
 def load_experiment(path: str | pathlib.Path, overrides: list[str] = ()) -> ExperimentConfig:

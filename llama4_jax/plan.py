@@ -22,6 +22,8 @@ from jax.sharding import Mesh, NamedSharding
 
 from llama4_jax import loops
 from llama4_jax.counting import count_params, training_flops_per_token
+from llama4_jax.distill.step import make_distill_step
+from llama4_jax.distill.teacher import abstract_teacher, teacher_shardings
 from llama4_jax.model.moe import MoE
 from llama4_jax.sharding import TRAIN_RULES, logical_to_spec, make_mesh, state_shardings, use_sharding
 from llama4_jax.train.step import abstract_train_state, make_train_step, step_shardings
@@ -116,7 +118,10 @@ def _shard_bytes(abstract_tree) -> int:
 
 
 def _compile_step(experiment, mesh: Mesh):
-    """The jitted training step lowered for `mesh` with abstract sharded inputs: (compiled, abstract args)."""
+    """The jitted training step lowered for `mesh` with abstract sharded inputs: (compiled, abstract args).
+
+    With a distill section the step is the distillation step and its args end with the frozen teacher's
+    params (its own dtype, sharded by the inference rules), the step index and TAID's t."""
     train = experiment.train
     graphdef, params, tx = abstract_train_state(experiment)
     shardings = step_shardings(params, tx, mesh)
@@ -126,7 +131,15 @@ def _compile_step(experiment, mesh: Mesh):
         {k: jax.ShapeDtypeStruct((train.batch_size, train.seq_len), jnp.float32 if k == "weights" else jnp.int32,
                                  sharding=shardings.batch[k]) for k in ("inputs", "targets", "weights")},
     )
-    step = make_train_step(graphdef, tx, train)
+    if experiment.distill is None:
+        step = make_train_step(graphdef, tx, train)
+    else:
+        teacher_graphdef, teacher = abstract_teacher(experiment.distill, train)
+        step = make_distill_step(graphdef, tx, train, experiment.distill, teacher_graphdef)
+        scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        args += (_abstract(teacher, teacher_shardings(teacher, mesh)),
+                 jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar), jax.ShapeDtypeStruct((), jnp.float32,
+                                                                                          sharding=scalar))
     jitted = jax.jit(step, out_shardings=(shardings.params, shardings.opt_state, None), donate_argnums=(0, 1))
     with use_sharding(mesh), jax.set_mesh(mesh):
         return jitted.lower(*args).compile(), args
@@ -138,19 +151,31 @@ def _flops(compiled) -> float:
     return float(cost.get("flops", 0.0))
 
 
+def _truncated(config, blocks: int):
+    """The config cut to its first `blocks` scanned blocks (same per-layer pattern)."""
+    layers = blocks * config.block_size
+    return config.replace(num_hidden_layers=layers, moe_layers=tuple(i for i in config.moe_layers if i < layers),
+                          no_rope_layers=config.no_rope_layers[:layers], layer_types=config.layer_types[:layers])
+
+
 def compiled_step_flops(experiment, mesh: Mesh) -> float:
-    """Per-chip FLOPs of one step: loops unrolled at 1 and 2 blocks, extrapolated to the full depth."""
-    model = experiment.model
-    flops = []
-    for blocks in (1, 2):
-        shallow = dataclasses.replace(experiment, model=model.replace(
-            num_hidden_layers=blocks * model.block_size,
-            moe_layers=tuple(i for i in model.moe_layers if i < blocks * model.block_size),
-            no_rope_layers=model.no_rope_layers[: blocks * model.block_size],
-            layer_types=model.layer_types[: blocks * model.block_size]))
+    """Per-chip FLOPs of one step: loops unrolled at 1 and 2 blocks, extrapolated to the full depth (XLA counts
+    a loop body once). With a teacher, its depth is extrapolated the same way, independently."""
+    def flops(student_blocks: int, teacher_blocks: int = 1) -> float:
+        shallow = dataclasses.replace(experiment, model=_truncated(experiment.model, student_blocks))
+        if experiment.distill is not None:
+            teacher = _truncated(experiment.distill.teacher, teacher_blocks)
+            shallow = dataclasses.replace(shallow, distill=experiment.distill.replace(teacher=teacher))
         with loops.unrolled_loops():
-            flops.append(_flops(_compile_step(shallow, mesh)[0]))
-    return flops[0] + (model.num_blocks - 1) * (flops[1] - flops[0])
+            return _flops(_compile_step(shallow, mesh)[0])
+
+    base = flops(1)
+    total = base
+    if experiment.model.num_blocks > 1:
+        total += (experiment.model.num_blocks - 1) * (flops(2) - base)
+    if experiment.distill is not None and experiment.distill.teacher.num_blocks > 1:
+        total += (experiment.distill.teacher.num_blocks - 1) * (flops(1, 2) - base)
+    return total
 
 
 def moe_layer_flops(experiment, mesh: Mesh) -> tuple[float, float]:
@@ -185,7 +210,7 @@ def plan(experiment, topology_name: str, *, count_flops: bool = True) -> PlanRep
     topology = parse_topology(topology_name)
     mesh = make_mesh(experiment.mesh, topology_devices(topology))
     try:
-        compiled, (params, opt_state, batch) = _compile_step(experiment, mesh)
+        compiled, (params, opt_state, batch, *teacher) = _compile_step(experiment, mesh)
     except jax.errors.JaxRuntimeError as error:
         return _out_of_memory_report(experiment, topology, mesh, error)
     memory = compiled.memory_analysis()
@@ -194,16 +219,21 @@ def plan(experiment, topology_name: str, *, count_flops: bool = True) -> PlanRep
     moe = moe_layer_flops(experiment, mesh) if count_flops and experiment.model.moe_layers else (math.nan,) * 2
     return PlanReport(
         experiment=experiment.name, topology=topology, mesh=dict(mesh.shape),
-        params_bytes=_shard_bytes(params), optimizer_bytes=_shard_bytes(opt_state), teacher_bytes=0,
-        batch_bytes=_shard_bytes(batch), temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
+        params_bytes=_shard_bytes(params), optimizer_bytes=_shard_bytes(opt_state),
+        teacher_bytes=_shard_bytes(teacher[0]) if teacher else 0, batch_bytes=_shard_bytes(batch),
+        temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
         compiled_flops=compiled_step_flops(experiment, mesh) if count_flops else math.nan,
         analytic_flops=_analytic_flops(experiment, topology), moe_compiled_flops=moe[0], moe_analytic_flops=moe[1],
     )
 
 
 def _analytic_flops(experiment, topology: Topology) -> float:
-    tokens = experiment.train.batch_size * experiment.train.seq_len
-    return training_flops_per_token(experiment.model, experiment.train.seq_len) * tokens / topology.chips
+    """Student training (6N + attention) plus, with a teacher, its forward (a third of its training FLOPs)."""
+    seq = experiment.train.seq_len
+    per_token = training_flops_per_token(experiment.model, seq)
+    if experiment.distill is not None:
+        per_token += training_flops_per_token(experiment.distill.teacher, seq) / 3
+    return per_token * experiment.train.batch_size * seq / topology.chips
 
 
 def _out_of_memory_report(experiment, topology: Topology, mesh: Mesh, error: Exception) -> PlanReport:
@@ -217,10 +247,14 @@ def _out_of_memory_report(experiment, topology: Topology, mesh: Mesh, error: Exc
     shardings = step_shardings(params, tx, mesh)
     params_bytes = _shard_bytes(_abstract(params, shardings.params))
     opt_bytes = _shard_bytes(_abstract(jax.eval_shape(tx.init, params), shardings.opt_state))
+    teacher_bytes = 0
+    if experiment.distill is not None:
+        teacher = abstract_teacher(experiment.distill, experiment.train)[1]
+        teacher_bytes = _shard_bytes(_abstract(teacher, teacher_shardings(teacher, mesh)))
     return PlanReport(
         experiment=experiment.name, topology=topology, mesh=dict(mesh.shape), params_bytes=params_bytes,
-        optimizer_bytes=opt_bytes, teacher_bytes=0, batch_bytes=0, temp_bytes=temp,
-        total_bytes=max(params_bytes + opt_bytes + temp, topology.generation.hbm_bytes + 1),
+        optimizer_bytes=opt_bytes, teacher_bytes=teacher_bytes, batch_bytes=0, temp_bytes=temp,
+        total_bytes=max(params_bytes + opt_bytes + teacher_bytes + temp, topology.generation.hbm_bytes + 1),
         compiled_flops=math.nan, analytic_flops=_analytic_flops(experiment, topology),
         moe_compiled_flops=math.nan, moe_analytic_flops=math.nan,
     )
@@ -251,7 +285,12 @@ def format_report(report: PlanReport) -> str:
 
 def param_count_line(experiment) -> str:
     counts = count_params(experiment.model)
-    return f"student: {counts.total / 1e9:.2f}B params, {counts.active / 1e9:.2f}B active"
+    line = f"student: {counts.total / 1e9:.2f}B params, {counts.active / 1e9:.2f}B active"
+    if experiment.distill is not None:
+        teacher = count_params(experiment.distill.teacher)
+        line += (f"; teacher ({experiment.distill.teacher_param_dtype}, frozen): {teacher.total / 1e9:.2f}B params, "
+                 f"{teacher.active / 1e9:.2f}B active")
+    return line
 
 
 __all__ = ["PlanReport", "format_report", "param_count_line", "parse_topology", "plan"]

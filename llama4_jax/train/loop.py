@@ -58,11 +58,18 @@ class _Preemption:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-def _data(experiment, split: str):
-    from llama4_jax.data import check_vocab, load_tokenizer, make_iterator
+def _tokenizer(experiment):
+    from llama4_jax.data import check_vocab, load_tokenizer
 
     tokenizer = load_tokenizer(experiment.data)
     check_vocab(tokenizer, experiment.model.vocab_size)
+    return tokenizer
+
+
+def _data(experiment, split: str):
+    from llama4_jax.data import make_iterator
+
+    tokenizer = _tokenizer(experiment)
     train = experiment.train
     return make_iterator(experiment.data, split=split, seq_len=train.seq_len, batch_size=train.batch_size,
                          process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
@@ -81,13 +88,24 @@ class Trainer:
         self.shardings = step_shardings(abstract_params, self.tx, self.mesh)
         self.meta = {"experiment": experiment_json(experiment)}
         self.checkpoints = TrainCheckpoints(self.workdir / "checkpoints", keep=self.train.keep_checkpoints)
+        self.distiller = self._distiller()
         self.params, self.opt_state, self.step = self._initial_state()
-        step = make_train_step(self.graphdef, self.tx, self.train)
+        step = make_train_step(self.graphdef, self.tx, self.train) if self.distiller is None else self.distiller.step_fn
         self.step_fn = jax.jit(step, out_shardings=(self.shardings.params, self.shardings.opt_state, None),
                                donate_argnums=(0, 1))
         self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.train))
         self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
         self.schedule = learning_rate_schedule(experiment.optim, self.train.steps)
+
+    def _distiller(self):
+        """The teacher or target cache, checked against this run before any step (None without distillation)."""
+        if self.experiment.distill is None:
+            return None
+        from llama4_jax.distill.runner import Distiller
+
+        first = next(_data(self.experiment, "train")) if self.experiment.distill.targets == "cache" else None
+        return Distiller(self.experiment, self.mesh, self.graphdef, self.tx, _tokenizer(self.experiment),
+                         first_batch=first)
 
     def _initial_state(self):
         """Fresh parameters sharded from birth, or the latest checkpoint restored onto this mesh."""
@@ -101,13 +119,17 @@ class Trainer:
         self.checkpoints.check_compatible(latest, self.meta)
         restored = self.checkpoints.restore(latest, abstract_like(params, self.shardings.params),
                                             abstract_like(opt_state, self.shardings.opt_state), self.train_iter)
+        if self.distiller is not None:
+            self.distiller.load_state(restored["meta"].get("distill_state"))
         return restored["params"], restored["opt_state"], latest
 
     def _save(self, *, force: bool = False) -> None:
         if self.checkpoints.latest_step() == self.step:  # e.g. preempted right after a scheduled save
             return
-        self.checkpoints.save(self.step, self.params, self.opt_state, self.train_iter,
-                              {**self.meta, "step": self.step}, force=force)
+        meta = {**self.meta, "step": self.step}
+        if self.distiller is not None:
+            meta["distill_state"] = self.distiller.state()
+        self.checkpoints.save(self.step, self.params, self.opt_state, self.train_iter, meta, force=force)
 
     def evaluate(self) -> dict[str, float]:
         """Held-out loss and accuracy over `eval_batches` batches (the same ones every time)."""
@@ -134,6 +156,9 @@ class Trainer:
         if peak:
             flops = training_flops_per_token(self.experiment.model, self.train.seq_len) * tokens / seconds
             scalars["perf/mfu"] = flops / (peak * jax.device_count())
+        for name in ("soft", "kl", "teacher_ce", "alpha", "disagree"):
+            if name in metrics:  # distillation: per-token means of the step
+                scalars[f"distill/{name}"] = float(metrics[name])
         if "expert_load" in metrics:
             load = np.asarray(metrics["expert_load"])  # (moe layers, experts)
             scalars["moe/max_load_over_mean"] = float((load.max(-1) / load.mean(-1)).mean())
@@ -150,11 +175,17 @@ class Trainer:
         last_log, last_step = time.perf_counter(), self.step
         try:
             while self.step < self.train.steps:
-                batch = distributed.global_batch(next(self.train_iter), self.mesh, self.train.batch_size)
+                local = next(self.train_iter)
+                extra = ()
+                if self.distiller is not None:
+                    local, extra = self.distiller.attach_targets(local), self.distiller.step_args(self.step)
+                batch = distributed.global_batch(local, self.mesh, self.train.batch_size)
                 with use_sharding(self.mesh):
-                    self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch)
-                self.step += 1
+                    self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch, *extra)
                 metrics = jax.device_get(metrics)
+                if self.distiller is not None:
+                    self.distiller.after_step(metrics, self.step)
+                self.step += 1
                 losses.append(float(metrics["loss"]))
                 bar.update(1)
                 if int(metrics["consecutive_skipped"]) >= self.experiment.optim.max_consecutive_nonfinite:

@@ -60,16 +60,19 @@ def loss_fn(params, graphdef, batch: dict[str, jax.Array], train) -> tuple[jax.A
     hidden, aux = model.model(batch["inputs"], positions=batch.get("positions"),
                               segment_ids=batch.get("segment_ids"), return_aux=True)
     ce = cross_entropy(model.logits, hidden, batch["targets"], batch["weights"])
-    objective = ce["loss_sum"]
-    metrics = dict(ce)
+    return add_moe_losses(ce["loss_sum"], dict(ce), aux, train)
+
+
+def add_moe_losses(objective: jax.Array, metrics: dict[str, jax.Array], aux: dict[str, jax.Array], train):
+    """The optional MoE auxiliary losses added to a summed objective, and the router metrics."""
     if aux:
         metrics["expert_load"] = aux["expert_load"]
         metrics["dropped_tokens"] = aux["dropped_tokens"].sum()
         # Auxiliary losses are per-token averages: weight them by this batch's tokens like the cross entropy.
         if train.load_balance_coef:
-            objective = objective + train.load_balance_coef * aux["load_balance_loss"].mean() * ce["tokens"]
+            objective = objective + train.load_balance_coef * aux["load_balance_loss"].mean() * metrics["tokens"]
         if train.router_z_coef:
-            objective = objective + train.router_z_coef * aux["router_z_loss"].mean() * ce["tokens"]
+            objective = objective + train.router_z_coef * aux["router_z_loss"].mean() * metrics["tokens"]
     return objective, metrics
 
 
@@ -84,38 +87,45 @@ def _micro_batches(batch: dict[str, jax.Array], count: int) -> dict[str, jax.Arr
     return {k: split(v) for k, v in batch.items()}
 
 
-def make_train_step(graphdef, tx: optax.GradientTransformation, train):
-    """step(params, opt_state, batch) -> (params, opt_state, metrics); pure, ready for jax.jit.
+def make_train_step(graphdef, tx: optax.GradientTransformation, train, loss: Callable = loss_fn):
+    """step(params, opt_state, batch, *loss_args) -> (params, opt_state, metrics); pure, ready for jax.jit.
 
-    Gradients of `train.grad_accum` micro-batches are summed, then divided by the global count of valid
-    tokens: the same update as one batch `grad_accum` times larger, in a fraction of the memory.
+    `loss(params, graphdef, batch, train, *loss_args)` returns (summed objective, summed metrics) with
+    "loss_sum", "correct" and "tokens" among them; `loss_args` are passed through untouched (a distillation
+    step passes the frozen teacher's parameters there). Gradients of `train.grad_accum` micro-batches are
+    summed, then divided by the global count of valid tokens: the same update as one batch `grad_accum` times
+    larger, in a fraction of the memory. Every other "<name>_sum" metric is reported as "<name>" per token.
     """
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    grad_fn = jax.value_and_grad(loss, has_aux=True)
 
-    def accumulate(params, batch):
+    def accumulate(params, batch, loss_args):
         if train.grad_accum == 1:
-            (objective, metrics), grads = grad_fn(params, graphdef, batch, train)
+            (objective, metrics), grads = grad_fn(params, graphdef, batch, train, *loss_args)
             return objective, metrics, grads
 
         def body(carry, micro):
-            (objective, metrics), grads = grad_fn(params, graphdef, micro, train)
+            (objective, metrics), grads = grad_fn(params, graphdef, micro, train, *loss_args)
             return jax.tree.map(jnp.add, carry, (objective, metrics, grads)), None
 
         micro = _micro_batches(batch, train.grad_accum)
         first = jax.tree.map(lambda x: x[0], micro)
-        zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(lambda: grad_fn(params, graphdef, first, train)))
+        zeros = jax.tree.map(jnp.zeros_like,
+                             jax.eval_shape(lambda: grad_fn(params, graphdef, first, train, *loss_args)))
         (objective, metrics), grads = zeros
         return jax.lax.scan(body, (objective, metrics, grads), micro)[0]
 
-    def step(params, opt_state, batch):
-        objective, metrics, grads = accumulate(params, batch)
+    def step(params, opt_state, batch, *loss_args):
+        objective, metrics, grads = accumulate(params, batch, loss_args)
         tokens = jnp.maximum(metrics["tokens"], 1.0)
         grads = jax.tree.map(lambda g: g / tokens, grads)
         updates, opt_state = tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
-        metrics = {**metrics, "loss": metrics["loss_sum"] / tokens, "accuracy": metrics["correct"] / tokens,
-                   "objective": objective / tokens, "grad_norm": optax.tree.norm(grads),
-                   "skipped_steps": opt_state.total_notfinite, "consecutive_skipped": opt_state.notfinite_count}
+        per_token = {k.removesuffix("_sum"): v / tokens for k, v in metrics.items()
+                     if k.endswith("_sum") and k != "loss_sum"}
+        metrics = {**metrics, **per_token, "loss": metrics["loss_sum"] / tokens,
+                   "accuracy": metrics["correct"] / tokens, "objective": objective / tokens,
+                   "grad_norm": optax.tree.norm(grads), "skipped_steps": opt_state.total_notfinite,
+                   "consecutive_skipped": opt_state.notfinite_count}
         return params, opt_state, metrics
 
     return step

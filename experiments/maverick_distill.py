@@ -1,0 +1,25 @@
+"""Maverick (17B active, 128 experts, 400B total) co-distilled from a frozen Behemoth-shaped teacher (bf16,
+sharded by the inference rules) at 8192 tokens, one sequence per chip, experts over an expert axis of 8.
+
+    llama4-jax plan experiments/maverick_distill.py --topology v5p-512 --set train.batch_size=256
+    llama4-jax plan experiments/maverick_distill.py --topology v5p-256 --set distill.teacher=maverick
+
+(see experiments/README.md for the recorded plans). Training needs distill.teacher_checkpoint set."""
+
+from llama4_jax.config import BEHEMOTH, MAVERICK
+from llama4_jax.distill import DistillConfig
+from llama4_jax.experiment import ExperimentConfig, TrainConfig
+from llama4_jax.sharding import MeshConfig
+from llama4_jax.train.losses import DistillLossConfig
+from llama4_jax.train.optim import OptimConfig
+
+EXPERIMENT = ExperimentConfig(
+    name="maverick_distill",
+    model=MAVERICK,
+    train=TrainConfig(batch_size=128, seq_len=8192, steps=100_000, param_dtype="float32",
+                      compute_dtype="bfloat16", remat="full"),
+    optim=OptimConfig(lr=3e-4, warmup_steps=2000, schedule="wsd"),
+    mesh=MeshConfig(fsdp=-1, expert=8),
+    distill=DistillConfig(teacher=BEHEMOTH, teacher_param_dtype="bfloat16",
+                          loss=DistillLossConfig(alpha_schedule="cosine", alpha=0.9, alpha_end=0.5)),
+)

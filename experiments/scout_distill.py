@@ -1,0 +1,28 @@
+"""Scout (17B active, 16 experts) co-distilled from a frozen Behemoth-shaped teacher (288B active, ~2T total,
+bf16, sharded by the inference rules) at 8192 tokens, one sequence per chip; the teacher runs online inside
+the student's step.
+
+    llama4-jax plan experiments/scout_distill.py --topology v5p-256 --set train.batch_size=128
+    llama4-jax plan experiments/scout_distill.py --topology v5p-128 --set train.batch_size=64 distill.teacher=maverick
+
+(see experiments/README.md for the recorded plans). Training needs distill.teacher_checkpoint set."""
+
+from llama4_jax.config import BEHEMOTH, SCOUT
+from llama4_jax.distill import DistillConfig
+from llama4_jax.experiment import ExperimentConfig, TrainConfig
+from llama4_jax.sharding import MeshConfig
+from llama4_jax.train.losses import DistillLossConfig
+from llama4_jax.train.optim import OptimConfig
+
+EXPERIMENT = ExperimentConfig(
+    name="scout_distill",
+    model=SCOUT,
+    train=TrainConfig(batch_size=128, seq_len=8192, steps=100_000, param_dtype="float32", compute_dtype="bfloat16",
+                      remat="full"),
+    optim=OptimConfig(lr=3e-4, warmup_steps=2000, schedule="wsd"),
+    mesh=MeshConfig(fsdp=-1),
+    # Pre-training distillation: forward KL at tau 1; the soft weight decays from 0.9 to 0.5 so the hard labels
+    # lead at the end (a dynamic soft/hard weighting through training, as Meta describes for Maverick).
+    distill=DistillConfig(teacher=BEHEMOTH, teacher_param_dtype="bfloat16",
+                          loss=DistillLossConfig(alpha_schedule="cosine", alpha=0.9, alpha_end=0.5)),
+)

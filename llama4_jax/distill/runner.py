@@ -1,0 +1,63 @@
+"""What a training run needs to distil: the teacher or the cache, the step, and TAID's state between steps.
+
+`Distiller(experiment, mesh, graphdef, tx, tokenizer)` does every check (teacher checkpoint against its config,
+cache against tokenizer, sequence length, vocabulary and the first batch) when it is built, before any step.
+"""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+
+from llama4_jax.distill.cache import TargetCache, tokenizer_fingerprint
+from llama4_jax.distill.step import TARGET_KEYS, make_distill_step
+from llama4_jax.distill.teacher import load_teacher
+from llama4_jax.train.losses import TaidState, taid_update
+
+
+class Distiller:
+    def __init__(self, experiment, mesh, graphdef, tx, tokenizer, *, first_batch=None):
+        self.distill, self.train = experiment.distill, experiment.train
+        self.loss_config = self.distill.loss_config(self.train.steps)
+        self.teacher, self.cache, self.fingerprint = None, None, None
+        if self.distill.targets == "online":
+            self.teacher = load_teacher(self.distill, self.train, mesh)
+            cache_format, teacher_graphdef = None, self.teacher.graphdef
+        else:
+            self.cache = TargetCache(self.distill.cache_dir)
+            self.fingerprint = tokenizer_fingerprint(tokenizer)
+            self.cache.check(fingerprint=self.fingerprint, seq_len=self.train.seq_len,
+                             vocab_size=experiment.model.vocab_size)
+            if first_batch is not None:  # the data must be the data the cache was made from
+                self.attach_targets(first_batch)
+            cache_format, teacher_graphdef = self.cache.format, None
+        self.step_fn = make_distill_step(graphdef, tx, self.train, self.distill, teacher_graphdef, cache_format)
+        self.taid = TaidState.init(self.loss_config)
+
+    @property
+    def teacher_params(self):
+        return None if self.teacher is None else self.teacher.params
+
+    def step_args(self, step: int) -> tuple:
+        """The arguments after (params, opt_state, batch) of the distillation step at optimizer step `step`."""
+        return self.teacher_params, np.int32(step), np.float32(self.taid.t)
+
+    def attach_targets(self, local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """This process's rows plus their cached targets (no-op for online targets)."""
+        if self.cache is None:
+            return local_batch
+        ids, values = self.cache.lookup(local_batch["inputs"], local_batch["targets"], self.fingerprint)
+        return {**local_batch, TARGET_KEYS[0]: ids, TARGET_KEYS[1]: values}
+
+    def after_step(self, metrics: dict, step: int) -> None:
+        """TAID moves t by the soft loss just measured (host-side: three scalars)."""
+        if self.loss_config.target == "taid":
+            self.taid = jax.device_get(taid_update(self.taid, metrics["soft"], step, self.loss_config))
+
+    def state(self) -> dict[str, float]:
+        """What a checkpoint must keep to resume exactly (JSON: Python floats hold float32 exactly)."""
+        return {k: float(getattr(self.taid, k)) for k in ("t", "momentum", "prev_loss")}
+
+    def load_state(self, state: dict[str, float] | None) -> None:
+        if state:
+            self.taid = TaidState(*(np.float32(state[k]) for k in ("t", "momentum", "prev_loss")))

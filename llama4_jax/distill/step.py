@@ -1,0 +1,69 @@
+"""The distillation training step: the student's step with the teacher's targets in the loss.
+
+step(params, opt_state, batch, teacher_params, step, taid_t) -> (params, opt_state, metrics)
+
+Online targets: the teacher's forward runs inside the same jitted program on its own (stop_gradient) params;
+its final hidden states are computed once and its logits chunk by chunk inside the loss, beside the student's
+(`distill_loss`), so float32 (B, T, V) logits never exist for either model. Cached targets arrive in the batch
+("target_ids" and "target_values": (B, T, K) top-k log-probabilities or sampled counts).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from llama4_jax.distill.cache import CACHE_FORMATS
+from llama4_jax.train.losses import OnlineTargets, SampledTargets, TopKTargets, distill_loss
+from llama4_jax.train.step import add_moe_losses, make_train_step
+
+TARGET_KEYS = ("target_ids", "target_values")
+
+
+def distill_loss_fn(params, graphdef, batch, train, teacher_params, step, taid_t, *, teacher_graphdef, loss_config,
+                    cache_format: str | None, chunk: int):
+    """Summed distillation objective and metrics of one (micro-)batch. "loss_sum" stays the student's hard
+    cross entropy (comparable with a student-only run); the objective mixes soft and hard terms by alpha."""
+    student = nnx.merge(graphdef, params)
+    hidden, aux = student.model(batch["inputs"], positions=batch.get("positions"),
+                                segment_ids=batch.get("segment_ids"), return_aux=True)
+    if cache_format is None:
+        teacher = nnx.merge(teacher_graphdef, jax.lax.stop_gradient(teacher_params))
+        with jax.named_scope("teacher"):
+            teacher_hidden = teacher.model(batch["inputs"], positions=batch.get("positions"),
+                                           segment_ids=batch.get("segment_ids"))
+        targets = OnlineTargets(logits_fn=teacher.logits, hidden=jax.lax.stop_gradient(teacher_hidden))
+    elif cache_format == "topk":
+        targets = TopKTargets(batch["target_ids"], batch["target_values"])
+    else:
+        targets = SampledTargets(batch["target_ids"], batch["target_values"])
+    sums = distill_loss(student.logits, hidden, targets, batch["targets"], batch["weights"], config=loss_config,
+                        step=step, taid_t=taid_t, chunk=chunk)
+    metrics = {**sums, "loss_sum": sums["hard_sum"]}
+    metrics.pop("hard_sum")
+    return add_moe_losses(sums["loss_sum"], metrics, aux, train)
+
+
+def make_distill_step(graphdef, tx: optax.GradientTransformation, train, distill, teacher_graphdef,
+                      cache_format: str | None = None):
+    """The student's train step (gradient accumulation, clipping, NaN guard) with the distillation loss.
+
+    cache_format: None for online targets, "topk" or "sampled" for targets read from a cache into the batch.
+    The teacher's params are an input: pass them undonated; nothing of them is returned or updated.
+    """
+    if cache_format not in (None, *CACHE_FORMATS):
+        raise ValueError(f"cache format must be one of {CACHE_FORMATS}, got {cache_format!r}")
+    loss = functools.partial(distill_loss_fn, teacher_graphdef=teacher_graphdef,
+                             loss_config=distill.loss_config(train.steps), cache_format=cache_format,
+                             chunk=distill.chunk)
+    inner = make_train_step(graphdef, tx, train, loss=loss)
+
+    def step(params, opt_state, batch, teacher_params, step_index, taid_t):
+        return inner(params, opt_state, batch, teacher_params, jnp.asarray(step_index, jnp.int32),
+                     jnp.asarray(taid_t, jnp.float32))
+
+    return step
