@@ -201,6 +201,24 @@ def test_topk_tail_bucket_matches_formula():
     assert float(out["disagree_sum"]) == float((ids[..., 0] != y).sum())
 
 
+def test_topk_without_tail_is_the_renormalised_target():
+    """topk_tail=False (the biased ablation): sum_K q log(q / p_S) with q = p_T / sum_K p_T; metrics unchanged."""
+    zs, zt, y, w = _data(7)
+    k = 5
+    lt = _log_softmax(zt.astype(np.float64))
+    ids = np.argsort(-zt, axis=-1)[..., :k]
+    lp = np.take_along_axis(lt, ids, -1)
+    targets = TopKTargets(jnp.asarray(ids), jnp.asarray(lp, jnp.float32))
+    run = lambda tail: distill_loss(identity, jnp.asarray(zs), targets, jnp.asarray(y), jnp.asarray(w), step=0,
+                                    config=DistillLossConfig(alpha=1.0, topk_tail=tail), chunk=4)
+    out, with_tail = run(False), run(True)
+    ls_k = np.take_along_axis(_log_softmax(zs.astype(np.float64)), ids, -1)
+    q = np.exp(lp) / np.exp(lp).sum(-1, keepdims=True)
+    np.testing.assert_allclose(out["soft_sum"], (q * (np.log(q) - ls_k)).sum(), rtol=RTOL)
+    np.testing.assert_allclose(out["kl_sum"], with_tail["kl_sum"], rtol=RTOL)
+    assert abs(float(out["soft_sum"]) - float(with_tail["soft_sum"])) > 1e-2
+
+
 def test_sampled_targets_average_to_teacher_distribution():
     rows, draws, v = 400, 50, 8
     rng = np.random.default_rng(7)

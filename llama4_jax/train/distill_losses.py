@@ -53,6 +53,7 @@ class DistillLossConfig:
     confidence: str = "none"
     target: str = "teacher"
     correction_margin: float = 0.2  # MFT: the label leads the teacher's argmax by this much
+    topk_tail: bool = True  # top-k targets keep the tail bucket; False renormalises over the k ids (biased)
     taid_t_start: float = 0.4
     taid_t_end: float = 1.0
     taid_momentum: float = 0.99
@@ -234,10 +235,15 @@ def student_bins(log_s: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.concatenate([at_ids, _masked_log_sum_exp(log_s, in_k)[..., None]], axis=-1)
 
 
-def topk_teacher_bins(logprobs: jax.Array, vocab: int, tau: float) -> jax.Array:
-    """Tempered teacher over K ids + tail bucket, (B, c, K) -> (B, c, K + 1); the tail is uniform over V - K."""
+def topk_teacher_bins(logprobs: jax.Array, vocab: int, tau: float, *, tail_bucket: bool = True) -> jax.Array:
+    """Tempered teacher over K ids + tail bucket, (B, c, K) -> (B, c, K + 1); the tail is uniform over V - K.
+
+    Without the tail bucket the K probabilities are renormalised and the tail bin is empty: the biased target
+    that drives the student to p_T / sum_K p_T on K and 0 elsewhere (kept for ablations)."""
     k = logprobs.shape[-1]
     tail = jnp.clip(1.0 - jnp.sum(jnp.exp(logprobs), axis=-1), 0.0, 1.0)
+    if not tail_bucket:
+        tail = jnp.zeros_like(tail)
     if vocab > k:
         # (V - K) tokens of probability tail / (V - K) each, raised to 1/tau: log weight log(V-K) + log(each)/tau.
         safe = jnp.where(tail > 0, tail, 1.0)

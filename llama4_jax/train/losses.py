@@ -118,8 +118,13 @@ def _sparse_terms(config, logits, labels, ids, values, sampled: bool):
     bins = (lambda t: sampled_teacher_bins(values)) if sampled else (lambda t: topk_teacher_bins(values, vocab, t))
     log_s1 = jax.nn.log_softmax(logits, axis=-1)
     s1, t1 = student_bins(log_s1, ids), bins(1.0)
-    soft = divergence(config, t1, s1) if tau == 1.0 else divergence(
-        config, bins(tau), student_bins(_tempered(logits, tau), ids))
+    if not sampled and not config.topk_tail:  # the biased ablation: only the soft term loses the tail
+        soft_t = topk_teacher_bins(values, vocab, tau, tail_bucket=False)
+        s_tau = s1 if tau == 1.0 else student_bins(_tempered(logits, tau), ids)
+        soft = divergence(config, soft_t, s_tau)
+    else:
+        soft = divergence(config, t1, s1) if tau == 1.0 else divergence(
+            config, bins(tau), student_bins(_tempered(logits, tau), ids))
     match = ids == labels[..., None]
     hit = jnp.sum(jnp.where(match, t1[..., :-1], 0.0), axis=-1)
     if sampled:  # the label's probability is not estimated from a handful of draws
