@@ -67,16 +67,22 @@ class JsonlFiles:
         return len(self._start)
 
     def __getitem__(self, index: int) -> str:
+        return _text_field(self.record(index), self._field, self.where(index))
+
+    def record(self, index: int) -> Any:
+        """The whole JSON value of document `index` (every field, e.g. prompt/answer pairs for pruning)."""
         f = int(self._file[index])
         if f not in self._fds:
             self._fds[f] = os.open(self._paths[f], os.O_RDONLY)
         raw = os.pread(self._fds[f], int(self._end[index] - self._start[index]), int(self._start[index]))
-        where = f"{self._paths[f]}:{int(self._line[index]) + 1}"
         try:
-            record = json.loads(raw)
+            return json.loads(raw)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{where}: not a JSON object ({e})") from e
-        return _text_field(record, self._field, where)
+            raise ValueError(f"{self.where(index)}: not a JSON object ({e})") from e
+
+    def where(self, index: int) -> str:
+        """"path:line" of document `index`, for error messages."""
+        return f"{self._paths[int(self._file[index])]}:{int(self._line[index]) + 1}"
 
     def __getstate__(self):
         return {**self.__dict__, "_fds": {}}
@@ -243,6 +249,11 @@ class Subset:
 
     def __getitem__(self, index: int):
         return self.source[int(self._indices[index])]
+
+    @property
+    def indices(self) -> np.ndarray:
+        """Index in `source` of each document."""
+        return self._indices
 
 
 # --------------------------------------------------------------------------------------------------
