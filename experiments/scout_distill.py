@@ -3,7 +3,8 @@ bf16, sharded by the inference rules) at 8192 tokens, one sequence per chip; the
 the student's step.
 
     llama4-jax plan experiments/scout_distill.py --topology v5p-256 --set train.batch_size=128
-    llama4-jax plan experiments/scout_distill.py --topology v5p-128 --set train.batch_size=64 distill.teacher=maverick
+    llama4-jax plan experiments/scout_distill.py --topology v5p-128 --set train.batch_size=64 \
+        --set distill.teacher=maverick
 
 (see experiments/README.md for the recorded plans). Training needs distill.teacher_checkpoint set."""
 

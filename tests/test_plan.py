@@ -41,3 +41,17 @@ def test_moe_layer_compiled_flops_match_analytic():
     mesh = make_mesh(experiment.mesh, topology_devices(parse_topology("v5p-8")))
     compiled, analytic = moe_layer_flops(experiment, mesh)
     assert abs(compiled / analytic - 1) < 0.10, (compiled, analytic)
+
+
+def test_distillation_plan_counts_the_frozen_teacher(capsys):
+    """The distillation step compiles for the slice with the teacher's bf16 params sharded over every chip."""
+    from llama4_jax.counting import count_params
+    from llama4_jax.plan import plan
+
+    experiment = load_experiment(EXPERIMENT.with_name("tiny_distill_plan.py"))
+    report = plan(experiment, "v5p-8", count_flops=False)
+    teacher = count_params(experiment.distill.teacher).total
+    # bf16 weights over 4 chips; the norms (a few KiB) are replicated.
+    assert teacher * 2 / 4 <= report.teacher_bytes <= teacher * 2 / 4 * 1.01, (report.teacher_bytes, teacher)
+    assert report.fits and report.optimizer_bytes > 0
+    assert report.analytic_flops > 0

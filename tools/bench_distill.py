@@ -11,12 +11,13 @@ that is 1 + N_T / (3 N_S) up to attention. Cached top-k targets should cost at m
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import statistics
+import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from benchlib import mid_config, timeit
+from benchlib import mid_config
 from flax import nnx
 
 from llama4_jax.counting import count_params, training_flops_per_token
@@ -35,6 +36,20 @@ def _experiment(student, teacher, batch: int, seq: int) -> ExperimentConfig:
     distill = DistillConfig(teacher=teacher, teacher_param_dtype="float32", loss=DistillLossConfig(alpha=0.5))
     return ExperimentConfig(name="bench_distill", model=student, train=train, distill=distill,
                             mesh=MeshConfig(fsdp=1, data=1))
+
+
+def interleaved_medians(fns: dict, repeats: int) -> dict[str, float]:
+    """Median seconds per function, the functions called in turn each round (after one warm-up call each),
+    so a change in machine load hits all of them alike and their ratios stay fair."""
+    for fn in fns.values():
+        fn()
+    times = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def measure(student, teacher, *, batch: int, seq: int, repeats: int, k: int = 64) -> dict[str, float]:
@@ -58,7 +73,7 @@ def measure(student, teacher, *, batch: int, seq: int, repeats: int, k: int = 64
         "online": lambda: jax.block_until_ready(online(params, opt_state, data, teacher_state.params, 0, 0.0)),
         "cache": lambda: jax.block_until_ready(from_cache(params, opt_state, cached, None, 0, 0.0)),
     }
-    times = {name: timeit(fn, repeats) for name, fn in run.items()}
+    times = interleaved_medians(run, repeats)
     f_s = training_flops_per_token(student, seq)
     f_t = training_flops_per_token(teacher, seq) / 3
     return {**times, "predicted": 1 + f_t / f_s, "n_t_over_n_s": count_params(teacher).active / count_params(
@@ -71,7 +86,7 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    student = dataclasses.replace(mid_config(), num_hidden_layers=4)
+    student = mid_config()
     teachers = {
         "same size": student,
         "2x wider": student.replace(hidden_size=1024, intermediate_size=2048, intermediate_size_mlp=4096,

@@ -4,7 +4,7 @@
     python tools/cache_teacher.py experiments/distill_demo.py --out runs/cache-sampled --format sampled --k 50 \\
         --set distill.teacher_checkpoint=runs/teacher
 
-Then train students with --set distill.targets=cache distill.cache_dir=runs/cache-topk. The cache is keyed by
+Then train students with --set distill.targets=cache --set distill.cache_dir=runs/cache-topk. The cache is keyed by
 a hash of each token sequence and of the tokenizer: a student whose data or tokenizer differ is refused.
 """
 
@@ -26,11 +26,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--k", type=int, default=64, help="top-k ids, or draws per token for 'sampled'")
     parser.add_argument("--batches", type=int, default=None, help="training batches to cover (default train.steps)")
     parser.add_argument("--seed", type=int, default=0, help="sampling seed ('sampled')")
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="experiment overrides")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an experiment field (repeatable)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
-    experiment = load_experiment(args.experiment, args.set)
+    experiment = load_experiment(args.experiment, args.overrides)
     out = build_cache(experiment, args.out, fmt=args.format, k=args.k, num_batches=args.batches, seed=args.seed,
                       overwrite=args.overwrite, progress=not args.no_progress)
     metadata = json.loads((out / "metadata.json").read_text())
