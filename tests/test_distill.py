@@ -14,7 +14,7 @@ from flax import nnx
 
 from llama4_jax.distill.cache import sparse_targets
 from llama4_jax.distill.cache_build import build_cache, make_target_fn
-from llama4_jax.distill.step import make_distill_step
+from llama4_jax.distill.step import make_distill_step, make_on_policy_step
 from llama4_jax.distill.teacher import INFERENCE_RULES, init_teacher, load_teacher
 from llama4_jax.experiment import ExperimentConfig, load_experiment
 from llama4_jax.sharding import MeshConfig, make_mesh, state_shardings, use_sharding
@@ -120,6 +120,25 @@ def test_cached_topk_with_k_equal_vocab_is_the_online_step(online):
     _norm_close(cached[0], expected[0], 1e-5)
 
 
+def test_on_policy_step_trains_on_the_students_samples_only(online):
+    """GKD: the student samples the second half of each row; the divergence covers exactly the sampled tokens;
+    a student taught by itself gets zero divergence and zero gradient (its own samples, its own distribution)."""
+    exp, params = online["exp"], online["params"]
+    distill = exp.distill.replace(on_policy_fraction=1.0, on_policy_prompt_len=16)
+    student_graphdef = online["graphdef"]
+    step = jax.jit(make_on_policy_step(student_graphdef, online["tx"], exp.train, distill, student_graphdef))
+    out = step(params, online["opt_state"], online["data"], params, 0, 0.0, jax.random.key(3))
+    assert float(out[2]["tokens"]) == 8 * (32 - 16 + 1)  # every row: the sampled tokens, nothing of the prompt
+    assert abs(float(out[2]["kl"])) < 1e-6 and float(out[2]["grad_norm"]) < 1e-6
+    np.testing.assert_allclose(float(out[2]["alpha"]), 1.0)
+    teacher = online["teacher"]
+    taught = jax.jit(make_on_policy_step(student_graphdef, online["tx"], exp.train, distill, teacher.graphdef))
+    first = taught(params, online["opt_state"], online["data"], teacher.params, 0, 0.0, jax.random.key(3))
+    again = taught(params, online["opt_state"], online["data"], teacher.params, 0, 0.0, jax.random.key(3))
+    assert float(first[2]["kl"]) > 0 and float(first[2]["grad_norm"]) > 0
+    assert float(first[2]["objective"]) == float(again[2]["objective"])  # the key decides the samples
+
+
 def test_sampled_targets_average_to_the_teacher():
     logits = jax.random.normal(jax.random.key(0), (1, 2, 16)) * 2
     n, reps = 64, 200
@@ -148,8 +167,11 @@ def teacher_run(tmp_path_factory):
 
 
 def test_online_distillation_run_from_a_training_checkpoint(teacher_run, tmp_path):
-    exp = experiment(teacher_checkpoint=str(teacher_run))
-    result = train(exp, tmp_path, progress=False)
+    exp = experiment(teacher_checkpoint=str(teacher_run), on_policy_fraction=0.5)
+    trainer = Trainer(exp, tmp_path)
+    choices = [trainer.distiller.on_policy(s) for s in range(3)]
+    assert choices == [trainer.distiller.on_policy(s) for s in range(3)] and len(set(choices)) == 2, choices
+    result = trainer.run(progress=False)
     rows = [json.loads(line) for line in result.metrics.read_text().splitlines()]
     assert result.step == 3 and any("distill/kl" in r for r in rows) and any("eval/loss" in r for r in rows)
     loaded = load_teacher(exp.distill, exp.train, make_mesh(exp.mesh))

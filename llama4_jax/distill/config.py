@@ -31,6 +31,14 @@ class DistillConfig:
     cache_dir: str | None = None
     loss: DistillLossConfig = DistillLossConfig(alpha=0.5)
     chunk: int = 1024  # sequence chunk of the loss: one chunk of float32 logits per model is alive at a time
+    # On-policy distillation (GKD, Agarwal et al. 2024): on this fraction of steps (lambda) the student samples
+    # continuations of the batch's first `on_policy_prompt_len` tokens (0: half the row) at
+    # `on_policy_temperature`, the teacher scores them online, and the divergence alone (alpha = 1: the labels
+    # would be the student's own samples) is applied to the sampled tokens.
+    on_policy_fraction: float = 0.0
+    on_policy_prompt_len: int = 0
+    on_policy_temperature: float = 1.0
+    on_policy_stop_tokens: tuple[int, ...] = ()  # a row's samples end at its first stop token (kept)
 
     def __post_init__(self):
         if self.teacher_param_dtype not in TEACHER_DTYPES:
@@ -42,6 +50,21 @@ class DistillConfig:
             raise ValueError("distill.targets='cache' needs distill.cache_dir (written by tools/cache_teacher.py)")
         if self.chunk < 1:
             raise ValueError(f"distill.chunk must be >= 1, got {self.chunk}")
+        if not 0.0 <= self.on_policy_fraction <= 1.0:
+            raise ValueError(f"distill.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.on_policy_fraction and self.targets != "online":
+            raise ValueError("distill.on_policy_fraction > 0 needs distill.targets='online': the teacher must score "
+                             "the student's own samples as they are drawn")
+        if self.on_policy_temperature <= 0 or self.on_policy_prompt_len < 0:
+            raise ValueError("distill.on_policy_temperature must be > 0 and on_policy_prompt_len >= 0, got "
+                             f"{self.on_policy_temperature}, {self.on_policy_prompt_len}")
+
+    def prompt_len(self, seq_len: int) -> int:
+        """Tokens of each row used as the on-policy prompt; the rest of the row is sampled."""
+        length = self.on_policy_prompt_len or seq_len // 2
+        if not 1 <= length < seq_len:
+            raise ValueError(f"distill.on_policy_prompt_len must be in [1, train.seq_len={seq_len}), got {length}")
+        return length
 
     def loss_config(self, train_steps: int) -> DistillLossConfig:
         """The loss with its schedules spanning the run (raises if burn-in/warmup/decay do not fit in it)."""

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 
 from llama4_jax.distill.cache import TargetCache, tokenizer_fingerprint
-from llama4_jax.distill.step import TARGET_KEYS, make_distill_step
+from llama4_jax.distill.step import TARGET_KEYS, make_distill_step, make_on_policy_step
 from llama4_jax.distill.teacher import load_teacher
 from llama4_jax.train.losses import TaidState, taid_update
 
@@ -32,6 +32,9 @@ class Distiller:
                 self.attach_targets(first_batch)
             cache_format, teacher_graphdef = self.cache.format, None
         self.step_fn = make_distill_step(graphdef, tx, self.train, self.distill, teacher_graphdef, cache_format)
+        self.on_policy_step_fn = None
+        if self.distill.on_policy_fraction > 0:
+            self.on_policy_step_fn = make_on_policy_step(graphdef, tx, self.train, self.distill, teacher_graphdef)
         self.taid = TaidState.init(self.loss_config)
 
     @property
@@ -41,6 +44,15 @@ class Distiller:
     def step_args(self, step: int) -> tuple:
         """The arguments after (params, opt_state, batch) of the distillation step at optimizer step `step`."""
         return self.teacher_params, np.int32(step), np.float32(self.taid.t)
+
+    def on_policy(self, step: int) -> bool:
+        """Whether optimizer step `step` trains on the student's own samples: a draw with probability lambda,
+        a pure function of (seed, step) so that a resumed run makes the same choices."""
+        fraction = self.distill.on_policy_fraction
+        return fraction > 0 and np.random.default_rng([self.train.seed, step]).random() < fraction
+
+    def rollout_key(self, step: int) -> jax.Array:
+        return jax.random.fold_in(jax.random.key(self.train.seed), step)
 
     def attach_targets(self, local_batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """This process's rows plus their cached targets (no-op for online targets)."""

@@ -10,6 +10,7 @@ its final hidden states are computed once and its logits chunk by chunk inside t
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -18,6 +19,7 @@ import optax
 from flax import nnx
 
 from llama4_jax.distill.cache import CACHE_FORMATS
+from llama4_jax.generate import SamplingConfig, sample_continuations
 from llama4_jax.train.losses import OnlineTargets, SampledTargets, TopKTargets, distill_loss
 from llama4_jax.train.step import add_moe_losses, make_train_step
 
@@ -46,6 +48,37 @@ def distill_loss_fn(params, graphdef, batch, train, teacher_params, step, taid_t
     metrics = {**sums, "loss_sum": sums["hard_sum"]}
     metrics.pop("hard_sum")
     return add_moe_losses(sums["loss_sum"], metrics, aux, train)
+
+
+def on_policy_loss_config(loss_config):
+    """GKD's on-policy loss: the divergence alone, on the teacher's own distribution (no labels, no schedule)."""
+    return dataclasses.replace(loss_config, alpha=1.0, alpha_end=1.0, alpha_schedule="constant", burn_in_steps=0,
+                               warmup_steps=0, decay_steps=0, confidence="none", target="teacher")
+
+
+def make_on_policy_step(graphdef, tx: optax.GradientTransformation, train, distill, teacher_graphdef):
+    """step(params, opt_state, batch, teacher_params, step, taid_t, key): the student samples continuations of
+    each row's first `distill.prompt_len` tokens (with its current, stop_gradient params), the teacher scores
+    them inside the same program, and the on-policy divergence trains the student on its sampled tokens only."""
+    prompt_len = distill.prompt_len(train.seq_len)
+    loss = functools.partial(distill_loss_fn, teacher_graphdef=teacher_graphdef,
+                             loss_config=on_policy_loss_config(distill.loss_config(train.steps)),
+                             cache_format=None, chunk=distill.chunk)
+    inner = make_train_step(graphdef, tx, train, loss=loss)
+    sampling = SamplingConfig(temperature=distill.on_policy_temperature)
+
+    def step(params, opt_state, batch, teacher_params, step_index, taid_t, key):
+        student = nnx.merge(graphdef, jax.lax.stop_gradient(params))
+        with jax.named_scope("rollout"):
+            tokens, sampled = sample_continuations(
+                student, batch["inputs"][:, :prompt_len], key, num_new_tokens=train.seq_len - prompt_len + 1,
+                sampling=sampling, stop_tokens=distill.on_policy_stop_tokens)
+        # Row = prompt + samples; the loss covers positions whose next token was sampled.
+        rollout = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": sampled[:, 1:].astype(jnp.float32)}
+        return inner(params, opt_state, rollout, teacher_params, jnp.asarray(step_index, jnp.int32),
+                     jnp.asarray(taid_t, jnp.float32))
+
+    return step
 
 
 def make_distill_step(graphdef, tx: optax.GradientTransformation, train, distill, teacher_graphdef,

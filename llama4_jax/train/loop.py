@@ -91,8 +91,11 @@ class Trainer:
         self.distiller = self._distiller()
         self.params, self.opt_state, self.step = self._initial_state()
         step = make_train_step(self.graphdef, self.tx, self.train) if self.distiller is None else self.distiller.step_fn
-        self.step_fn = jax.jit(step, out_shardings=(self.shardings.params, self.shardings.opt_state, None),
-                               donate_argnums=(0, 1))
+        outs = (self.shardings.params, self.shardings.opt_state, None)
+        self.step_fn = jax.jit(step, out_shardings=outs, donate_argnums=(0, 1))
+        self.on_policy_fn = None  # on-policy distillation: the student's own samples, scored by the teacher
+        if self.distiller is not None and self.distiller.on_policy_step_fn is not None:
+            self.on_policy_fn = jax.jit(self.distiller.on_policy_step_fn, out_shardings=outs, donate_argnums=(0, 1))
         self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.train))
         self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
         self.schedule = learning_rate_schedule(experiment.optim, self.train.steps)
@@ -176,12 +179,14 @@ class Trainer:
         try:
             while self.step < self.train.steps:
                 local = next(self.train_iter)
-                extra = ()
+                step_fn, extra = self.step_fn, ()
                 if self.distiller is not None:
                     local, extra = self.distiller.attach_targets(local), self.distiller.step_args(self.step)
+                    if self.distiller.on_policy(self.step):
+                        step_fn, extra = self.on_policy_fn, (*extra, self.distiller.rollout_key(self.step))
                 batch = distributed.global_batch(local, self.mesh, self.train.batch_size)
                 with use_sharding(self.mesh):
-                    self.params, self.opt_state, metrics = self.step_fn(self.params, self.opt_state, batch, *extra)
+                    self.params, self.opt_state, metrics = step_fn(self.params, self.opt_state, batch, *extra)
                 metrics = jax.device_get(metrics)
                 if self.distiller is not None:
                     self.distiller.after_step(metrics, self.step)
