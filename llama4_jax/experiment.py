@@ -18,6 +18,7 @@ from typing import Any
 from llama4_jax.config import PRESETS, Llama4Config
 from llama4_jax.data.config import DataConfig
 from llama4_jax.distill.config import DistillConfig
+from llama4_jax.multimodal_config import PATCH_ID, Llama4MultimodalConfig, Llama4VisionConfig
 from llama4_jax.sharding import MeshConfig
 from llama4_jax.train.optim import OptimConfig
 
@@ -36,6 +37,7 @@ class TrainConfig:
     load_balance_coef: float = 0.0  # off by default: the forward stays exactly Llama 4
     router_z_coef: float = 0.0
     grad_accum: int = 1  # micro-batches per optimizer step
+    train_vision_tower: bool = False  # with `vision`: False keeps the vision tower frozen (projector still trains)
     seed: int = 0
     log_every: int = 10
     eval_every: int = 100
@@ -65,14 +67,30 @@ class ExperimentConfig:
     data: DataConfig = DataConfig()
     mesh: MeshConfig = MeshConfig()
     distill: DistillConfig | None = None  # a frozen teacher teaching `model` (same vocabulary)
+    # A vision tower: the run trains Llama4ForConditionalGeneration (`model` is its text model) on image+text
+    # records (data.image_field); `image_token_index` is the <|patch|> id, checked against the tokenizer's.
+    vision: Llama4VisionConfig | None = None
+    image_token_index: int = PATCH_ID
 
     def __post_init__(self):
+        if self.vision is not None:
+            self.model_config  # noqa: B018 -- validates image_token_index against the vocabulary
+            if self.distill is not None:
+                raise ValueError("distill with vision: distillation of multimodal models is not supported")
         if self.distill is not None:
             teacher = self.distill.teacher
             if teacher.vocab_size != self.model.vocab_size:
                 raise ValueError(f"distill.teacher.vocab_size ({teacher.vocab_size}) must equal model.vocab_size "
                                  f"({self.model.vocab_size}): teacher and student share one vocabulary")
             self.distill.loss_config(self.train.steps)  # schedules must fit in the run: raises early
+
+    @property
+    def model_config(self) -> Llama4Config | Llama4MultimodalConfig:
+        """The architecture the run trains: `model`, or with `vision` the multimodal model around it."""
+        if self.vision is None:
+            return self.model
+        return Llama4MultimodalConfig(text_config=self.model, vision_config=self.vision,
+                                      image_token_index=self.image_token_index)
 
 
 def load_experiment(path: str | pathlib.Path, overrides: list[str] = ()) -> ExperimentConfig:

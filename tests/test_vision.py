@@ -179,10 +179,12 @@ def test_multimodal_load_reports_every_missing_vision_tensor(tmp_path):
 
 
 # freeze_vision=False (the tower trained too) is the same code with another filter; only the default is run here,
-# to keep the suite fast. The projector changing shows gradients flow through the fusion.
+# to keep the suite fast (tests/test_multimodal_train.py trains both through the Trainer). Without weight decay,
+# the projector changing shows gradients flow through the fusion (they reach it past the frozen tower).
 @pytest.mark.parametrize("freeze_vision", [True], ids=["frozen_tower"])
 def test_train_step_on_image_text_batch(freeze_vision):
-    from llama4_jax.train.multimodal import make_multimodal_train_step, split_model
+    from llama4_jax.experiment import TrainConfig
+    from llama4_jax.train.multimodal import init_opt_state, make_multimodal_train_step
     from llama4_jax.train.optim import OptimConfig, make_optimizer
 
     # One text and one vision layer: this checks what trains, not the numerics, and compiles in seconds.
@@ -191,13 +193,15 @@ def test_train_step_on_image_text_batch(freeze_vision):
     model = new_model(config, seed=1)
     pixels, ids = inputs(seed=6)
     batch = {"inputs": jnp.asarray(ids), "targets": jnp.asarray(np.roll(ids, -1, axis=1)),
-             "weights": jnp.asarray(ids != IMAGE_TOKEN, jnp.float32), "pixel_values": jnp.asarray(pixels)}
-    graphdef, trainable, frozen = split_model(model, freeze_vision)
-    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0), total_steps=10)
-    step = jax.jit(make_multimodal_train_step(graphdef, tx, freeze_vision=freeze_vision))
-    new, _, metrics = step(trainable, frozen, tx.init(trainable), batch)
+             "weights": jnp.asarray(ids != IMAGE_TOKEN, jnp.float32),
+             "pixel_values": jnp.asarray(pixels)[None].repeat(2, axis=0)}  # (B, tiles, ...): each row's own tiles
+    train = TrainConfig(train_vision_tower=not freeze_vision)
+    graphdef, params = nnx.split(model, nnx.Param)
+    tx = make_optimizer(OptimConfig(lr=1e-2, warmup_steps=0, weight_decay=0.0), total_steps=10)
+    step = jax.jit(make_multimodal_train_step(graphdef, tx, train))
+    new, _, metrics = step(params, init_opt_state(tx, params, train), batch)
     assert np.isfinite(float(metrics["loss"])) and float(metrics["grad_norm"]) > 0
     before = nnx.to_flat_state(nnx.state(model, nnx.Param))
-    after = dict(nnx.to_flat_state(nnx.state(nnx.merge(graphdef, new, frozen), nnx.Param)))
+    after = dict(nnx.to_flat_state(new))
     changed = {path[0] for path, v in before if not np.array_equal(v.get_value(), after[path].get_value())}
     assert changed == ({"language_model", "multi_modal_projector"} | (set() if freeze_vision else {"vision_model"}))

@@ -39,6 +39,10 @@ class DataConfig:
     num_workers: int = 0  # grain worker processes for reading and tokenizing (0 = in-process)
     read_threads: int = 4  # threads reading and tokenizing documents in each process
     data_dir: str | None = None  # TFDS data_dir (default: $TFDS_DATA_DIR or ~/tensorflow_datasets)
+    # Image+text records (experiments with `vision`; see data/image_text.py). Paths are relative to the jsonl.
+    image_field: str = "image"  # jsonl field holding an image path (or a list of them)
+    max_image_tiles: int = 16  # tiles per image before its global tile (Llama4ImageProcessor's max_patches)
+    image_tiles_per_example: int = 17  # fixed tile slots per batch row (one 16-tile image + its global tile)
 
     def __post_init__(self):
         source_kind(self.source)  # raises on an unknown kind
@@ -55,6 +59,11 @@ class DataConfig:
             raise ValueError(f"data.seed must be an int in [0, 2**32), got {self.seed!r}")
         if not 0.0 <= self.eval_fraction < 1.0:
             raise ValueError(f"data.eval_fraction must be in [0, 1), got {self.eval_fraction!r}")
+        if not isinstance(self.image_field, str) or not self.image_field:
+            raise ValueError(f"data.image_field must be a non-empty string, got {self.image_field!r}")
+        for name in ("max_image_tiles", "image_tiles_per_example"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"data.{name} must be an int >= 1, got {getattr(self, name)!r}")
         for name in ("num_workers", "read_threads"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 0 or (name == "read_threads" and value < 1):

@@ -36,17 +36,26 @@ def merge_image_features(inputs_embeds: jax.Array, input_ids: jax.Array, feature
     """HF's masked_scatter: row j of `features` (M, E) replaces the embedding of the j-th `image_token_id` in
     `input_ids` (B, T), counted row-major over the batch. inputs_embeds (B, T, E) -> (B, T, E).
 
-    Outside jit the counts must match exactly (ValueError otherwise, as HF). Inside jit shapes are static, so
-    extra feature rows (padding tiles) are ignored; the caller must not have more placeholders than rows.
+    Per-example `features` (B, M, E) fill each sequence's placeholders from its own rows instead (training
+    batches: every example has a fixed number of tile slots, the unused ones padding at the end of its rows).
+
+    Outside jit the counts must match exactly (ValueError otherwise, as HF); with per-example features a
+    sequence may have fewer placeholders than rows. Inside jit shapes are static, so extra feature rows
+    (padding tiles) are ignored; the caller must not have more placeholders than rows.
     """
     mask = input_ids == image_token_id
+    per_example = features.ndim == 3
     if not isinstance(mask, jax.core.Tracer):
-        count = int(mask.sum())
-        if count != features.shape[0]:
+        count = int(mask.sum(axis=1).max()) if per_example else int(mask.sum())
+        if count > features.shape[-2] or (not per_example and count != features.shape[0]):
             raise ValueError(f"the prompt has {count} image placeholder tokens (id {image_token_id}) but the images "
-                             f"give {features.shape[0]} feature rows; each tile needs its own block of them")
-    index = jnp.cumsum(mask.reshape(-1)) - 1  # the feature row of each placeholder, in order
-    rows = jnp.take(features, jnp.clip(index, 0, features.shape[0] - 1), axis=0).reshape(inputs_embeds.shape)
+                             f"give {features.shape[-2]} feature rows; each tile needs its own block of them")
+    if per_example:
+        index = jnp.clip(jnp.cumsum(mask, axis=1) - 1, 0, features.shape[1] - 1)  # (B, T): each row's own count
+        rows = jnp.take_along_axis(features, index[..., None], axis=1)
+    else:
+        index = jnp.cumsum(mask.reshape(-1)) - 1  # the feature row of each placeholder, in order
+        rows = jnp.take(features, jnp.clip(index, 0, features.shape[0] - 1), axis=0).reshape(inputs_embeds.shape)
     return jnp.where(mask[..., None], rows.astype(inputs_embeds.dtype), inputs_embeds)
 
 
@@ -76,7 +85,8 @@ class Llama4ForConditionalGeneration(nnx.Module):
     def embed(self, input_ids: jax.Array, pixel_values: jax.Array | None = None, *,
               image_features: jax.Array | None = None) -> jax.Array:
         """Token embeddings (B, T, E) with image features fused in at the `<|patch|>` positions. Pass
-        precomputed `image_features` (from `get_image_features`, e.g. under stop_gradient) instead of pixels."""
+        precomputed `image_features` (from `get_image_features`, e.g. under stop_gradient) instead of pixels:
+        (M, E), or (B, M, E) per example (see `merge_image_features`)."""
         text = self.language_model.model
         embeds = jnp.take(text.embed_tokens[...], input_ids, axis=0).astype(text.dtype)
         if pixel_values is not None:

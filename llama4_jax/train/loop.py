@@ -15,6 +15,7 @@ from flax import nnx
 from llama4_jax import distributed
 from llama4_jax.counting import training_flops_per_token
 from llama4_jax.sharding import make_mesh, use_sharding
+from llama4_jax.train import multimodal
 from llama4_jax.train.checkpointing import TrainCheckpoints, abstract_like, experiment_json
 from llama4_jax.train.metrics import MetricsWriter, peak_flops
 from llama4_jax.train.optim import learning_rate_schedule
@@ -71,6 +72,13 @@ def _data(experiment, split: str):
 
     tokenizer = _tokenizer(experiment)
     train = experiment.train
+    if experiment.vision is not None:  # image+text records (data/image_text.py)
+        from llama4_jax.data.image_text import make_image_text_iterator
+
+        return make_image_text_iterator(
+            experiment.data, experiment.vision, split=split, seq_len=train.seq_len, batch_size=train.batch_size,
+            process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer,
+            image_token_index=experiment.image_token_index, vocab_size=experiment.model.vocab_size)
     return make_iterator(experiment.data, split=split, seq_len=train.seq_len, batch_size=train.batch_size,
                          process_index=jax.process_index(), process_count=jax.process_count(), tokenizer=tokenizer)
 
@@ -85,18 +93,22 @@ class Trainer:
         self.mesh = make_mesh(experiment.mesh)
         self.train_iter = _data(experiment, "train")
         self.graphdef, abstract_params, self.tx = abstract_train_state(experiment)
-        self.shardings = step_shardings(abstract_params, self.tx, self.mesh)
+        self.shardings = step_shardings(abstract_params, self.tx, self.mesh) if experiment.vision is None else \
+            multimodal.multimodal_step_shardings(abstract_params, self.tx, self.mesh, self.train)
         self.meta = {"experiment": experiment_json(experiment)}
         self.checkpoints = TrainCheckpoints(self.workdir / "checkpoints", keep=self.train.keep_checkpoints)
         self.distiller = self._distiller()
         self.params, self.opt_state, self.step = self._initial_state()
         step = make_train_step(self.graphdef, self.tx, self.train) if self.distiller is None else self.distiller.step_fn
+        if experiment.vision is not None:  # vision and distill exclude each other (ExperimentConfig)
+            step = multimodal.make_multimodal_train_step(self.graphdef, self.tx, self.train)
         outs = (self.shardings.params, self.shardings.opt_state, None)
         self.step_fn = jax.jit(step, out_shardings=outs, donate_argnums=(0, 1))
         self.on_policy_fn = None  # on-policy distillation: the student's own samples, scored by the teacher
         if self.distiller is not None and self.distiller.on_policy_step_fn is not None:
             self.on_policy_fn = jax.jit(self.distiller.on_policy_step_fn, out_shardings=outs, donate_argnums=(0, 1))
-        self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.train))
+        self.eval_fn = jax.jit(make_eval_step(self.graphdef, self.train) if experiment.vision is None else
+                               multimodal.make_multimodal_eval_step(self.graphdef, self.train))
         self.writer = MetricsWriter(self.workdir, enabled=jax.process_index() == 0)
         self.schedule = learning_rate_schedule(experiment.optim, self.train.steps)
 
@@ -112,10 +124,12 @@ class Trainer:
 
     def _initial_state(self):
         """Fresh parameters sharded from birth, or the latest checkpoint restored onto this mesh."""
-        factory = model_factory(self.experiment.model, self.train, seed=self.train.seed)
+        factory = model_factory(self.experiment.model_config, self.train, seed=self.train.seed)
+        init = self.tx.init if self.experiment.vision is None else \
+            (lambda p: multimodal.init_opt_state(self.tx, p, self.train))  # the trainable part only
         with jax.set_mesh(self.mesh):
             params = jax.jit(lambda: nnx.state(factory(), nnx.Param), out_shardings=self.shardings.params)()
-            opt_state = jax.jit(self.tx.init, out_shardings=self.shardings.opt_state)(params)
+            opt_state = jax.jit(init, out_shardings=self.shardings.opt_state)(params)
         latest = self.checkpoints.latest_step()
         if latest is None:
             return params, opt_state, 0

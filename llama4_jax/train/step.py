@@ -27,8 +27,13 @@ BATCH_KEYS = ("inputs", "targets", "weights", "positions", "segment_ids")
 
 
 def model_factory(config: Llama4Config, train, *, seed: int = 0) -> Callable[[], Llama4ForCausalLM]:
-    """A zero-argument constructor of the student with the run's dtypes, remat and MoE options."""
-    return lambda: Llama4ForCausalLM(
+    """A zero-argument constructor of the student with the run's dtypes, remat and MoE options (a
+    Llama4MultimodalConfig gives Llama4ForConditionalGeneration)."""
+    from llama4_jax.model.multimodal import Llama4ForConditionalGeneration
+    from llama4_jax.multimodal_config import Llama4MultimodalConfig
+
+    model_class = Llama4ForConditionalGeneration if isinstance(config, Llama4MultimodalConfig) else Llama4ForCausalLM
+    return lambda: model_class(
         config, rngs=nnx.Rngs(seed), param_dtype=jnp.dtype(train.param_dtype), dtype=jnp.dtype(train.compute_dtype),
         remat=train.remat, capacity_factor=train.capacity_factor)
 
@@ -143,6 +148,6 @@ def make_eval_step(graphdef, train):
 
 def abstract_train_state(experiment):
     """(graphdef, abstract params, optimizer) of an experiment's student, built with no memory."""
-    abstract = nnx.eval_shape(model_factory(experiment.model, experiment.train, seed=experiment.train.seed))
+    abstract = nnx.eval_shape(model_factory(experiment.model_config, experiment.train, seed=experiment.train.seed))
     graphdef, params = nnx.split(abstract, nnx.Param)
     return graphdef, params, make_optimizer(experiment.optim, experiment.train.steps)
