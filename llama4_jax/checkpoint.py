@@ -30,6 +30,8 @@ from jax.sharding import Mesh, SingleDeviceSharding
 from llama4_jax.config import Llama4Config
 from llama4_jax.convert.files import EarlySync, atomic_directory
 from llama4_jax.model import Llama4ForCausalLM
+from llama4_jax.model.multimodal import Llama4ForConditionalGeneration
+from llama4_jax.multimodal_config import Llama4MultimodalConfig
 from llama4_jax.sharding import TRAIN_RULES, Rules, state_shardings
 
 PARAMS_KEY = "params"
@@ -196,6 +198,14 @@ def save_model(model: Llama4ForCausalLM, directory: str | os.PathLike, *, overwr
         writer.finish()
 
 
+def config_from_metadata(hf: dict) -> Llama4Config | Llama4MultimodalConfig:
+    """The stored config: a text model's (`llama4_text`) or a multimodal model's (`llama4`, with its vision
+    tower), as the model that wrote it was."""
+    if hf.get("model_type") == "llama4":
+        return Llama4MultimodalConfig.from_hf(hf)
+    return Llama4Config.from_hf(hf)
+
+
 class ParamReader:
     """Reads parameters of a checkpoint, or single blocks of stacked ones, into host numpy arrays.
 
@@ -208,7 +218,7 @@ class ParamReader:
         custom = metadata.custom_metadata or {}
         if CONFIG_KEY not in custom:
             raise ValueError(f"{directory}: not a llama4_jax checkpoint (no '{CONFIG_KEY}' in its metadata)")
-        self.config = Llama4Config.from_hf(custom[CONFIG_KEY])
+        self.config = config_from_metadata(custom[CONFIG_KEY])
         self.shapes = {_path(keys): (tuple(m.shape), np.dtype(m.dtype))
                        for keys, m in _leaves(metadata.metadata[PARAMS_KEY])}
         # Orbax's tensorstore context: OCDBT specs refer to resources it defines.
@@ -234,10 +244,12 @@ class ParamReader:
 def restore_model(directory: str | os.PathLike, *, mesh: Mesh | None = None, rules: Rules = TRAIN_RULES,
                   dtype=None, model_kwargs: dict | None = None) -> Llama4ForCausalLM:
     """Restores a model saved by `save_model` (or converted), each parameter read straight into its sharding
-    on `mesh` (None: the first device), in the dtype it was stored in or cast to `dtype` as it is read."""
+    on `mesh` (None: the first device), in the dtype it was stored in or cast to `dtype` as it is read. A
+    multimodal checkpoint restores as `Llama4ForConditionalGeneration`."""
     reader = ParamReader(directory)
     config, stored = reader.config, reader.shapes
-    abstract = nnx.eval_shape(lambda: Llama4ForCausalLM(config, rngs=nnx.Rngs(0), **(model_kwargs or {})))
+    model_class = Llama4ForConditionalGeneration if isinstance(config, Llama4MultimodalConfig) else Llama4ForCausalLM
+    abstract = nnx.eval_shape(lambda: model_class(config, rngs=nnx.Rngs(0), **(model_kwargs or {})))
     graphdef, state = nnx.split(abstract)
     flat = list(nnx.to_flat_state(state))
     problems = [f"missing parameter {'.'.join(map(str, p))}" for p, _ in flat if p not in stored]

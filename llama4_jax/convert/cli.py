@@ -18,6 +18,9 @@ def add_convert_parser(subparsers) -> None:
                         help="dtype of the written weights (default: as stored)")
     parser.add_argument("--max-shard-size", default="5GB", help="per safetensors file, when writing HF (5GB)")
     parser.add_argument("--tokenizer", default=None, help="directory to copy tokenizer files from (to HF)")
+    parser.add_argument("--multimodal", action="store_true",
+                        help="HF -> Orbax: convert a multimodal (llama4) checkpoint whole, vision tower included "
+                             "(default: its text model only); Orbax -> HF follows the checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="replace a non-empty DST")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.set_defaults(func=_run)
@@ -31,7 +34,8 @@ def _run(args: argparse.Namespace) -> int:
     dtype = {"bfloat16": ml_dtypes.bfloat16}.get(args.dtype, args.dtype)
     try:
         stats = convert(args.src, args.dst, dtype=dtype, max_shard_size=args.max_shard_size,
-                        tokenizer=args.tokenizer, overwrite=args.overwrite, progress=not args.no_progress)
+                        tokenizer=args.tokenizer, overwrite=args.overwrite, progress=not args.no_progress,
+                        multimodal=args.multimodal)
     except (ValueError, FileExistsError) as e:
         print(f"llama4-jax convert: error: {e}", file=sys.stderr)
         return 1

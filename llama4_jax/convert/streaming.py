@@ -34,16 +34,17 @@ Shapes = dict[tuple, tuple[tuple[int, ...], np.dtype]]
 
 
 def hf_to_orbax(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, overwrite: bool = False,
-                progress: bool = False) -> ConversionStats:
+                progress: bool = False, multimodal: bool = False) -> ConversionStats:
     """Hugging Face directory -> Orbax checkpoint that `llama4_jax.checkpoint.restore_model` reads.
-    dtype: parameter dtype (None keeps the checkpoint's). Problems with `src` raise one ValueError.
+    dtype: parameter dtype (None keeps the checkpoint's). multimodal: a `llama4` checkpoint whole (vision
+    tower and projector too; by default its text model only). Problems with `src` raise one ValueError.
 
     Orbax first saves the first chunk of every parameter (creating all arrays and the metadata, in a few
     batched saves); then every block of a stacked parameter, and every unstacked parameter, is read and
     written into its array on its own, in pieces of about PIECE_BYTES (nn.Linear weights whole).
     """
     start = time.perf_counter()
-    job = _Import(open_hf(src), dtype)
+    job = _Import(open_hf(src, multimodal=multimodal), dtype)
     stats = ConversionStats()
     with checkpoint.ParamWriter(dst, job.source.config, overwrite=overwrite) as writer, \
             tqdm(total=job.total, unit="B", unit_scale=True, desc="import", disable=not progress) as bar:
@@ -150,9 +151,11 @@ def orbax_to_hf(src: str | os.PathLike, dst: str | os.PathLike, *, dtype=None, m
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) -> ConversionStats:
-    """Converts in the direction `src` implies: an Orbax checkpoint becomes a Hugging Face directory, and a
-    Hugging Face directory (config.json + safetensors) becomes an Orbax checkpoint."""
+    """Converts in the direction `src` implies: an Orbax checkpoint becomes a Hugging Face directory (a
+    multimodal one if it holds a multimodal model), and a Hugging Face directory (config.json + safetensors)
+    becomes an Orbax checkpoint (with `multimodal=True`, of the whole multimodal model)."""
     if checkpoint.is_checkpoint(src):
+        kwargs.pop("multimodal", None)  # the stored config says which model it is
         return orbax_to_hf(src, dst, **kwargs)
     if os.path.isfile(os.path.join(src, "config.json")):
         kwargs.pop("max_shard_size", None)
