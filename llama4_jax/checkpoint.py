@@ -170,7 +170,7 @@ class ParamWriter:
         context = ts.Context({"file_io_sync": False})
         self._arrays = {}
         for path, (shape, stacked) in self._parts.items():
-            array = _open_array(self._path, path, context)
+            array = _open_array(self._path, path, context, write=True)
             self._arrays[path] = array.resize(exclusive_max=shape, expand_only=True, resize_metadata_only=True).result()
             rows = shape[1] if stacked else shape[0]
             self._rows_left.update({(path, b): rows for b in range(shape[0])} if stacked else {(path, None): rows})
@@ -296,16 +296,19 @@ def _lookup(tree, path: tuple):
     return tree
 
 
-def _open_array(directory: Path, path: tuple, context: ts.Context) -> ts.TensorStore:
+def _open_array(directory: Path, path: tuple, context: ts.Context, *, write: bool = False) -> ts.TensorStore:
     """The tensorstore array in which Orbax keeps parameter `path`, opened with Orbax's own read spec (so
-    OCDBT checkpoints, and zarr v2 ones from older Orbax, open too)."""
+    OCDBT checkpoints, and zarr v2 ones from older Orbax, open too). For `write`, chunks equal to the fill
+    value (all zeros) are stored too: Orbax's reader refuses a missing chunk, and zero blocks are common
+    (zero-initialised biases)."""
     item = directory / _ITEM
     ocdbt = ocp_v0.type_handlers.is_ocdbt_checkpoint(item)
 
     def spec(zarr3: bool) -> dict:
         info = ocp_v0.type_handlers.ParamInfo(name=_name(path), parent_dir=item, is_ocdbt_checkpoint=ocdbt,
                                               use_zarr3=zarr3, ts_context=context)
-        return ocp_v0.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        tspec = ocp_v0.type_handlers.get_json_tspec_read(info, use_ocdbt=ocdbt)
+        return {**tspec, "store_data_equal_to_fill_value": True} if write else tspec
 
     try:
         return ts.open(spec(zarr3=True), open=True, context=context).result()

@@ -382,3 +382,23 @@ def test_parse_size():
     with pytest.raises(ValueError):
         st.parse_size("lots")
     assert jax.device_count() == 8  # conftest: the sharding tests above ran on 8 devices
+
+
+def test_param_writer_stores_all_zero_blocks(tmp_path):
+    """tensorstore skips chunks equal to the fill value unless told otherwise, and Orbax's reader then refuses
+    the missing chunk: a zero block (e.g. zero-initialised biases) must be stored and read back."""
+    from llama4_jax import TINY_SCOUT
+    from llama4_jax.checkpoint import FirstChunk, ParamReader, ParamWriter, chunk_shape
+
+    shape = (3, 8, 16)
+    first = chunk_shape(shape, 4, stacked=True)
+    with ParamWriter(tmp_path / "ck", TINY_SCOUT) as writer:
+        writer.add({("a",): FirstChunk(np.ones(first, np.float32), shape, True),
+                    ("b",): FirstChunk(np.zeros(first, np.float32), shape, True)})
+        for i in range(3):
+            writer.write_part(("a",), i, np.full(shape[1:], float(i != 1), np.float32))
+            writer.write_part(("b",), i, np.zeros(shape[1:], np.float32))
+        writer.finish()
+    reader = ParamReader(tmp_path / "ck")
+    assert [float(reader.read_block(("a",), i).sum()) for i in range(3)] == [128.0, 0.0, 128.0]
+    assert [float(reader.read_block(("b",), i).sum()) for i in range(3)] == [0.0, 0.0, 0.0]
