@@ -19,7 +19,7 @@ EXPERIMENT = ExperimentConfig(
     train=TrainConfig(batch_size=128, seq_len=8192, steps=100_000, param_dtype="float32",
                       compute_dtype="bfloat16", remat="full"),
     optim=OptimConfig(lr=3e-4, warmup_steps=2000, schedule="wsd"),
-    mesh=MeshConfig(fsdp=-1, expert=8),
+    mesh=MeshConfig(fsdp=-1, expert=16),  # 8 of Maverick's and 1 of Behemoth's 16 experts per expert rank
     distill=DistillConfig(teacher=BEHEMOTH, teacher_param_dtype="bfloat16",
                           loss=DistillLossConfig(alpha_schedule="cosine", alpha=0.9, alpha_end=0.5)),
 )

@@ -21,7 +21,9 @@ EXPERIMENT = ExperimentConfig(
     train=TrainConfig(batch_size=128, seq_len=8192, steps=100_000, param_dtype="float32", compute_dtype="bfloat16",
                       remat="full"),
     optim=OptimConfig(lr=3e-4, warmup_steps=2000, schedule="wsd"),
-    mesh=MeshConfig(fsdp=-1),
+    # Experts over an expert axis of 16: Behemoth's MoE layer is 16 x 16384 x 24576 x 3 bf16 = 38.7 GB, which an
+    # fsdp-only mesh would all-gather on every chip for every layer (planned: 105.6 GiB temp on v5p-256).
+    mesh=MeshConfig(fsdp=-1, expert=16),
     # Pre-training distillation: forward KL at tau 1; the soft weight decays from 0.9 to 0.5 so the hard labels
     # lead at the end (a dynamic soft/hard weighting through training, as Meta describes for Maverick).
     distill=DistillConfig(teacher=BEHEMOTH, teacher_param_dtype="bfloat16",

@@ -117,6 +117,9 @@ def _shard_bytes(abstract_tree) -> int:
     return sum(math.prod(a.sharding.shard_shape(a.shape)) * a.dtype.itemsize for a in jax.tree.leaves(abstract_tree))
 
 
+PLAN_TOPK = 64  # cached-target plans assume top-64 targets (+ the tail column)
+
+
 def _compile_step(experiment, mesh: Mesh):
     """The jitted training step lowered for `mesh` with abstract sharded inputs: (compiled, abstract args).
 
@@ -133,6 +136,15 @@ def _compile_step(experiment, mesh: Mesh):
     )
     if experiment.distill is None:
         step = make_train_step(graphdef, tx, train)
+    elif experiment.distill.targets == "cache":  # planned as top-64 targets read beside the batch; no teacher
+        spec = NamedSharding(mesh, logical_to_spec(("batch", "length", None), TRAIN_RULES))
+        shape = (train.batch_size, train.seq_len)
+        args[2]["target_ids"] = jax.ShapeDtypeStruct((*shape, PLAN_TOPK), jnp.int32, sharding=spec)
+        args[2]["target_values"] = jax.ShapeDtypeStruct((*shape, PLAN_TOPK + 1), jnp.float32, sharding=spec)
+        step = make_distill_step(graphdef, tx, train, experiment.distill, None, "topk")
+        scalar = NamedSharding(mesh, jax.sharding.PartitionSpec())
+        args += (None, jax.ShapeDtypeStruct((), jnp.int32, sharding=scalar),
+                 jax.ShapeDtypeStruct((), jnp.float32, sharding=scalar))
     else:
         teacher_graphdef, teacher = abstract_teacher(experiment.distill, train)
         step = make_distill_step(graphdef, tx, train, experiment.distill, teacher_graphdef)
@@ -163,7 +175,7 @@ def compiled_step_flops(experiment, mesh: Mesh) -> float:
     a loop body once). With a teacher, its depth is extrapolated the same way, independently."""
     def flops(student_blocks: int, teacher_blocks: int = 1) -> float:
         shallow = dataclasses.replace(experiment, model=_truncated(experiment.model, student_blocks))
-        if experiment.distill is not None:
+        if experiment.distill is not None and experiment.distill.targets == "online":
             teacher = _truncated(experiment.distill.teacher, teacher_blocks)
             shallow = dataclasses.replace(shallow, distill=experiment.distill.replace(teacher=teacher))
         with loops.unrolled_loops():
@@ -173,7 +185,8 @@ def compiled_step_flops(experiment, mesh: Mesh) -> float:
     total = base
     if experiment.model.num_blocks > 1:
         total += (experiment.model.num_blocks - 1) * (flops(2) - base)
-    if experiment.distill is not None and experiment.distill.teacher.num_blocks > 1:
+    if (experiment.distill is not None and experiment.distill.targets == "online"
+            and experiment.distill.teacher.num_blocks > 1):
         total += (experiment.distill.teacher.num_blocks - 1) * (flops(1, 2) - base)
     return total
 
@@ -220,7 +233,8 @@ def plan(experiment, topology_name: str, *, count_flops: bool = True) -> PlanRep
     return PlanReport(
         experiment=experiment.name, topology=topology, mesh=dict(mesh.shape),
         params_bytes=_shard_bytes(params), optimizer_bytes=_shard_bytes(opt_state),
-        teacher_bytes=_shard_bytes(teacher[0]) if teacher else 0, batch_bytes=_shard_bytes(batch),
+        teacher_bytes=_shard_bytes(teacher[0]) if teacher and teacher[0] is not None else 0,
+        batch_bytes=_shard_bytes(batch),
         temp_bytes=memory.temp_size_in_bytes, total_bytes=total,
         compiled_flops=compiled_step_flops(experiment, mesh) if count_flops else math.nan,
         analytic_flops=_analytic_flops(experiment, topology), moe_compiled_flops=moe[0], moe_analytic_flops=moe[1],
@@ -231,7 +245,7 @@ def _analytic_flops(experiment, topology: Topology) -> float:
     """Student training (6N + attention) plus, with a teacher, its forward (a third of its training FLOPs)."""
     seq = experiment.train.seq_len
     per_token = training_flops_per_token(experiment.model, seq)
-    if experiment.distill is not None:
+    if experiment.distill is not None and experiment.distill.targets == "online":
         per_token += training_flops_per_token(experiment.distill.teacher, seq) / 3
     return per_token * experiment.train.batch_size * seq / topology.chips
 
@@ -248,7 +262,7 @@ def _out_of_memory_report(experiment, topology: Topology, mesh: Mesh, error: Exc
     params_bytes = _shard_bytes(_abstract(params, shardings.params))
     opt_bytes = _shard_bytes(_abstract(jax.eval_shape(tx.init, params), shardings.opt_state))
     teacher_bytes = 0
-    if experiment.distill is not None:
+    if experiment.distill is not None and experiment.distill.targets == "online":
         teacher = abstract_teacher(experiment.distill, experiment.train)[1]
         teacher_bytes = _shard_bytes(_abstract(teacher, teacher_shardings(teacher, mesh)))
     return PlanReport(

@@ -12,14 +12,14 @@ import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
 
-from llama4_jax.distill.cache import sparse_targets
+from llama4_jax.distill.cache import CacheWriter, TargetCache, sparse_targets, write_metadata
 from llama4_jax.distill.cache_build import build_cache, make_target_fn
 from llama4_jax.distill.step import make_distill_step, make_on_policy_step
 from llama4_jax.distill.teacher import INFERENCE_RULES, init_teacher, load_teacher
 from llama4_jax.experiment import ExperimentConfig, load_experiment
 from llama4_jax.sharding import MeshConfig, make_mesh, state_shardings, use_sharding
 from llama4_jax.train.loop import Trainer, train
-from llama4_jax.train.losses import DistillLossConfig
+from llama4_jax.train.losses import DistillLossConfig, TopKTargets, distill_loss
 from llama4_jax.train.step import abstract_train_state, model_factory
 
 ROOT = pathlib.Path(__file__).parent.parent
@@ -192,12 +192,55 @@ def test_cache_is_written_read_and_refused_for_other_data(teacher_run, tmp_path)
     assert result.step == 3 and np.isfinite(result.losses).all()
 
     other_data = dataclasses.replace(student, data=student.data.replace(seed=7))
+    with pytest.raises(ValueError, match="data.seed: cache 0, this run 7"):
+        Trainer(other_data, tmp_path / "other")
+    # A cache whose metadata claims the right data but holds other rows: refused on the first batch.
+    (cache / "metadata.json").write_text(json.dumps({**meta, "data": {**meta["data"], "seed": 7}}))
     with pytest.raises(ValueError, match="no targets for batch rows"):
         Trainer(other_data, tmp_path / "other")
+    (cache / "metadata.json").write_text(json.dumps(meta))
+    longer = dataclasses.replace(student, train=dataclasses.replace(student.train, steps=4))
+    with pytest.raises(ValueError, match="coverage"):  # 3 cached batches cannot serve 4 steps
+        Trainer(longer, tmp_path / "other")
     meta["tokenizer_fingerprint"] = "0" * 64
     (cache / "metadata.json").write_text(json.dumps(meta))
     with pytest.raises(ValueError, match="tokenizer"):
         Trainer(student, tmp_path / "other")
+
+
+def test_cache_records_and_exact_tail(tmp_path):
+    """Records round-trip; a sequence in two shards is served by its first record; the stored tail mass is exact
+    where 1 - sum p_K rounds to 0 in float32, so even reverse KL stays finite."""
+    logits = jnp.zeros((1, 2, 64)).at[0, :, 0].set(40.0)  # p(0) ~ 1 - 2.7e-16: a float32 tail of exactly 0
+    ids, values = sparse_targets(logits, "topk", 4)
+    assert np.all(np.asarray(1 - jnp.exp(values[..., :4]).sum(-1)) == 0.0)
+    np.testing.assert_allclose(np.asarray(values[0, :, 4]), np.log(60.0) - 40.0, rtol=1e-5)
+    for shard, rows in ((0, [0, 1]), (1, [1])):
+        writer = CacheWriter(tmp_path, process_index=shard)
+        writer.add([bytes([r]) * 16 for r in rows], np.stack([ids[0]] * len(rows)) + np.array(rows)[:, None, None],
+                   np.stack([values[0]] * len(rows)))
+        writer.close()
+    write_metadata(tmp_path, {"format": "topk", "k": 4, "seq_len": 2, "vocab_size": 64})
+    cache = TargetCache(tmp_path)
+    assert len(cache) == 2
+    from llama4_jax.distill import cache as cache_module
+
+    keys = [bytes([1]) * 16, bytes([0]) * 16]
+    original = cache_module.sequence_keys
+    cache_module.sequence_keys = lambda fingerprint, inputs, targets: keys
+    try:
+        got_ids, got_values = cache.lookup(np.zeros((2, 2)), np.zeros((2, 2)), "00")
+    finally:
+        cache_module.sequence_keys = original
+    np.testing.assert_array_equal(got_ids, np.stack([ids[0] + 1, ids[0]]))
+    np.testing.assert_array_equal(got_values, np.stack([values[0]] * 2))
+    student = jax.random.normal(jax.random.key(0), (1, 2, 64))
+    loss = distill_loss(lambda h: h, student, TopKTargets(ids, values[..., :4], values[..., 4]),
+                        jnp.zeros((1, 2), jnp.int32), jnp.ones((1, 2)), step=0,
+                        config=DistillLossConfig(alpha=1.0, divergence="reverse_kl"))
+    assert np.isfinite(float(loss["loss_sum"])) and np.isfinite(float(loss["teacher_ce_sum"]))
+    with pytest.raises(ValueError, match="topk_tail"):
+        DistillLossConfig(divergence="reverse_kl", topk_tail=False)
 
 
 def test_teacher_checkpoints_that_do_not_match_their_config_are_refused(teacher_run, tmp_path):

@@ -44,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None, help="rows per forward (default train.batch_size)")
     parser.add_argument("--limit", type=int, default=None, help="score only the first N examples")
     parser.add_argument("--student-dtype", default=None, choices=("float32", "bfloat16"))
-    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", help="experiment overrides")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override an experiment field (repeatable)")
     parser.add_argument("--overwrite", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -53,7 +54,7 @@ def main(argv: list[str] | None = None) -> dict:
                          prompt_field=args.prompt_field, answer_field=args.answer_field, ifd_model=args.ifd_model,
                          split=args.split, batch_size=args.batch_size, limit=args.limit,
                          student_param_dtype=args.student_dtype)
-    experiment = load_experiment(args.experiment, args.set)
+    experiment = load_experiment(args.experiment, args.overrides)
     summary = prune_dataset(experiment, args.out, config, student_checkpoint=args.student, overwrite=args.overwrite,
                             progress=not args.no_progress)
     print(json.dumps({"out": args.out, **summary}, indent=2))

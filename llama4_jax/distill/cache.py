@@ -3,7 +3,8 @@
 Layout of a cache directory (written into a temporary directory and renamed into place when complete):
   metadata.json           format, k, seq_len, vocab, tokenizer fingerprint, teacher config, record count
   keys-PPPPP.npy          (N, 16) uint8: the key of every record of process PPPPP's shard, in order
-  targets-PPPPP.array_record  one record per sequence: ids int32 (T, K) then values float32 (T, K)
+  targets-PPPPP.array_record  one record per sequence: ids int32 (T, K) then values float32 (T, K + 1) for
+                          top-k (log p_T of the K ids, then log of the tail mass outside them) or (T, K) counts
 
 A record's key is a hash of the tokenizer's fingerprint and of the sequence's token rows (inputs and
 targets): training looks every row up by its key, so a cache made with another tokenizer, dataset, packing or
@@ -24,6 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 CACHE_FORMATS = ("topk", "sampled")
+# DataConfig fields that decide which token rows the pipeline yields (order and threads do not matter: rows are
+# looked up by key).
+SEQUENCE_FIELDS = ("source", "text_field", "tokenizer", "bpe_vocab_size", "seed", "eval_fraction", "data_dir",
+                   "shuffle")
 METADATA = "metadata.json"
 KEY_BYTES = 16
 
@@ -55,15 +60,20 @@ def sequence_keys(fingerprint: str, inputs: np.ndarray, targets: np.ndarray) -> 
 
 
 def sparse_targets(teacher_logits: jax.Array, fmt: str, k: int, key: jax.Array | None = None):
-    """(B, c, V) teacher logits -> ids (B, c, K) int32 and values (B, c, K) float32.
+    """(B, c, V) teacher logits -> ids (B, c, K) int32 and values float32.
 
-    "topk": the k most likely ids and their log-probabilities (tau = 1); "sampled": k draws from p_T by inverse
-    CDF (O(V + k log V) per token, no (k, V) noise), de-duplicated: each distinct id once with its count,
-    unused slots id 0 and count 0."""
+    "topk": the k most likely ids, their log-probabilities (tau = 1) and, as a last column, the log of the mass
+    outside them (a log-sum-exp over the other ids: exact where 1 - sum p_K rounds to 0), values (B, c, K + 1);
+    "sampled": k draws from p_T by inverse CDF (O(V + k log V) per token, no (k, V) noise; the float32 CDF
+    resolves probabilities down to ~1e-7 of the total), de-duplicated: each distinct id once with its count,
+    unused slots id 0 and count 0, values (B, c, K)."""
     log_p = jax.nn.log_softmax(teacher_logits.astype(jnp.float32), axis=-1)
     if fmt == "topk":
         values, ids = jax.lax.top_k(log_p, k)
-        return ids.astype(jnp.int32), values
+        flat_ids = ids.reshape(-1, k)
+        in_k = jax.vmap(lambda i: jnp.zeros(log_p.shape[-1], bool).at[i].set(True))(flat_ids).reshape(log_p.shape)
+        log_tail = jax.nn.logsumexp(jnp.where(in_k, -jnp.inf, log_p), axis=-1)  # -inf when k = V
+        return ids.astype(jnp.int32), jnp.concatenate([values, log_tail[..., None]], axis=-1)
     cdf = jnp.cumsum(jnp.exp(log_p), axis=-1)
     u = jax.random.uniform(key, (*log_p.shape[:-1], k)) * cdf[..., -1:]
     flat_cdf, flat_u = cdf.reshape(-1, cdf.shape[-1]), u.reshape(-1, k)
@@ -123,17 +133,29 @@ class TargetCache:
         self.format, self.k, self.seq_len = self.metadata["format"], self.metadata["k"], self.metadata["seq_len"]
         shards = sorted(self.directory.glob("targets-*.array_record"))
         self._source = ArrayRecordDataSource([str(p) for p in shards])
+        self.value_columns = self.k + 1 if self.format == "topk" else self.k
         self._index: dict[bytes, int] = {}
+        offset = 0
         for shard in shards:
             keys = np.load(shard.with_name(shard.name.replace("targets", "keys").replace(".array_record", ".npy")))
-            offset = len(self._index)
-            self._index.update({bytes(key): offset + i for i, key in enumerate(keys)})
-        if len(self._index) != len(self._source):
-            raise ValueError(f"{self.directory}: {len(self._index)} keys but {len(self._source)} records (corrupt?)")
+            for i, key in enumerate(keys):  # a sequence in two processes' shards: the first record serves
+                self._index.setdefault(bytes(key), offset + i)
+            offset += len(keys)
+        if offset != len(self._source):
+            raise ValueError(f"{self.directory}: {offset} keys but {len(self._source)} records (corrupt?)")
 
-    def check(self, *, fingerprint: str, seq_len: int, vocab_size: int) -> None:
-        """Raise before training if the cache was made for another tokenizer, sequence length or vocabulary."""
+    def check(self, *, fingerprint: str, seq_len: int, vocab_size: int, data: dict | None = None,
+              rows: int | None = None) -> None:
+        """Raise before training if the cache was made for another tokenizer, sequence length, vocabulary or
+        data configuration, or covers fewer rows than the run will read (`rows`)."""
         problems = []
+        if data is not None:
+            cached = self.metadata.get("data", {})
+            problems += [f"data.{name}: cache {cached.get(name)!r}, this run {data.get(name)!r}"
+                         for name in SEQUENCE_FIELDS if cached.get(name) != data.get(name)]
+        if rows is not None and self.metadata.get("rows", 0) < rows:
+            problems.append(f"coverage: the cache holds {self.metadata.get('rows', 0)} rows, the run reads {rows} "
+                            "(train.steps x train.batch_size); write it with --batches >= train.steps")
         if self.metadata["tokenizer_fingerprint"] != fingerprint:
             problems.append(f"tokenizer: the cache was made with tokenizer {self.metadata['tokenizer']!r} "
                             f"(fingerprint {self.metadata['tokenizer_fingerprint'][:12]}), this run's tokenizer "
@@ -154,10 +176,14 @@ class TargetCache:
                              "it was written for another dataset, data seed or packing; rerun tools/cache_teacher.py "
                              "for this experiment")
         records = self._source.__getitems__([self._index[key] for key in keys])
-        t, k = self.seq_len, self.k
+        t, k, columns = self.seq_len, self.k, self.value_columns
         arrays = [np.frombuffer(r, np.uint8) for r in records]
+        for key, a in zip(keys, arrays):
+            if a.size != 4 * t * (k + columns):
+                raise ValueError(f"target cache {self.directory}: record {key.hex()} has {a.size} bytes, expected "
+                                 f"{4 * t * (k + columns)} (seq_len {t}, k {k}); the cache is corrupt")
         ids = np.stack([a[: t * k * 4].view(np.int32).reshape(t, k) for a in arrays])
-        values = np.stack([a[t * k * 4:].view(np.float32).reshape(t, k) for a in arrays])
+        values = np.stack([a[t * k * 4:].view(np.float32).reshape(t, columns) for a in arrays])
         return ids, values
 
     def __len__(self) -> int:

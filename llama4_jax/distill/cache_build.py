@@ -7,7 +7,10 @@ teacher's logits are computed one sequence chunk at a time, so (B, T, V) float32
 
 from __future__ import annotations
 
+import contextlib
+import os
 import pathlib
+import shutil
 import time
 
 import jax
@@ -39,7 +42,7 @@ def make_target_fn(teacher: Teacher, fmt: str, k: int, *, chunk: int = 1024):
             return None, sparse_targets(model.logits(h), fmt, k, chunk_key)
 
         _, (ids, values) = loops.scan(one, None, (chunks, keys))
-        return tuple(x.swapaxes(0, 1).reshape(b, t, k) for x in (ids, values))
+        return tuple(x.swapaxes(0, 1).reshape(b, t, x.shape[-1]) for x in (ids, values))
 
     return targets
 
@@ -50,7 +53,6 @@ def build_cache(experiment, out: str | pathlib.Path, *, fmt: str = "topk", k: in
     Returns the cache directory; it appears only when complete."""
     from tqdm import tqdm
 
-    from llama4_jax.convert.files import atomic_directory
     from llama4_jax.train.loop import _data, _tokenizer
 
     if fmt not in CACHE_FORMATS:
@@ -70,7 +72,7 @@ def build_cache(experiment, out: str | pathlib.Path, *, fmt: str = "topk", k: in
     rng = jax.random.key(seed)
     spec = logical_to_spec(("batch", "length", None), TRAIN_RULES)
     start = time.perf_counter()
-    with atomic_directory(out, overwrite=overwrite) as tmp:
+    with _cache_directory(out, overwrite=overwrite) as tmp:
         writer = CacheWriter(tmp, process_index=jax.process_index())
         for index in tqdm(range(num_batches), desc="teacher targets", unit="batch", disable=not progress):
             local = next(iterator)
@@ -82,10 +84,44 @@ def build_cache(experiment, out: str | pathlib.Path, *, fmt: str = "topk", k: in
             ids, values = np.asarray(ids), np.asarray(values)
             writer.add(sequence_keys(fingerprint, local["inputs"], local["targets"]), ids, values)
         records = writer.close()
-        write_metadata(tmp, {
-            "format": fmt, "k": k, "seq_len": train.seq_len, "vocab_size": experiment.model.vocab_size,
-            "tokenizer": experiment.data.tokenizer, "tokenizer_fingerprint": fingerprint, "records": records,
-            "batches": num_batches, "seed": seed, "teacher": experiment_json(experiment.distill.teacher),
-            "teacher_checkpoint": str(experiment.distill.teacher_checkpoint), "data": experiment_json(experiment.data),
-            "seconds": time.perf_counter() - start, "bytes_per_token": 8 * k})
+        if jax.process_count() > 1:  # every process wrote its own shard; the metadata counts them all
+            records = int(np.sum(multihost_utils.process_allgather(np.asarray(records))))
+        if jax.process_index() == 0:
+            write_metadata(tmp, {
+                "format": fmt, "k": k, "seq_len": train.seq_len, "vocab_size": experiment.model.vocab_size,
+                "tokenizer": experiment.data.tokenizer, "tokenizer_fingerprint": fingerprint, "records": records,
+                "batches": num_batches, "batch_size": train.batch_size, "rows": num_batches * train.batch_size,
+                "seed": seed, "teacher": experiment_json(experiment.distill.teacher),
+                "teacher_checkpoint": str(experiment.distill.teacher_checkpoint),
+                "data": experiment_json(experiment.data), "seconds": time.perf_counter() - start,
+                "bytes_per_token": 4 * (2 * k + (fmt == "topk"))})
     return pathlib.Path(out)
+
+
+@contextlib.contextmanager
+def _cache_directory(out, *, overwrite: bool):
+    """The temporary directory every process writes its shard into, renamed to `out` once all are done.
+
+    One process: `atomic_directory`. Several: process 0 prepares `.NAME.tmp-multihost` beside `out` (a shared
+    filesystem), all processes write, and after a barrier process 0 syncs and renames it."""
+    from llama4_jax.convert.files import atomic_directory, check_destination, sync_tree
+
+    if jax.process_count() == 1:
+        with atomic_directory(out, overwrite=overwrite) as tmp:
+            yield tmp
+        return
+    out = pathlib.Path(out).absolute()
+    tmp = out.parent / f".{out.name}.tmp-multihost"
+    if jax.process_index() == 0:
+        check_destination(out, overwrite)
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    multihost_utils.sync_global_devices("target cache: directory ready")
+    yield tmp
+    multihost_utils.sync_global_devices("target cache: every shard written")
+    if jax.process_index() == 0:
+        sync_tree(tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    multihost_utils.sync_global_devices("target cache: renamed")

@@ -52,6 +52,9 @@ class DistillConfig:
             raise ValueError(f"distill.chunk must be >= 1, got {self.chunk}")
         if not 0.0 <= self.on_policy_fraction <= 1.0:
             raise ValueError(f"distill.on_policy_fraction must be in [0, 1], got {self.on_policy_fraction}")
+        if self.targets == "cache" and self.loss.target != "teacher":
+            raise ValueError(f"distill.loss.target={self.loss.target!r} needs the teacher's full logits: use "
+                             "distill.targets='online', or loss.target='teacher' with a cache")
         if self.on_policy_fraction and self.targets != "online":
             raise ValueError("distill.on_policy_fraction > 0 needs distill.targets='online': the teacher must score "
                              "the student's own samples as they are drawn")

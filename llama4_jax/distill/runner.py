@@ -12,7 +12,8 @@ import numpy as np
 from llama4_jax.distill.cache import TargetCache, tokenizer_fingerprint
 from llama4_jax.distill.step import TARGET_KEYS, make_distill_step, make_on_policy_step
 from llama4_jax.distill.teacher import load_teacher
-from llama4_jax.train.losses import TaidState, taid_update
+from llama4_jax.train.checkpointing import experiment_json
+from llama4_jax.train.losses import SampledTargets, TaidState, TopKTargets, check_targets, taid_update
 
 
 class Distiller:
@@ -27,7 +28,11 @@ class Distiller:
             self.cache = TargetCache(self.distill.cache_dir)
             self.fingerprint = tokenizer_fingerprint(tokenizer)
             self.cache.check(fingerprint=self.fingerprint, seq_len=self.train.seq_len,
-                             vocab_size=experiment.model.vocab_size)
+                             vocab_size=experiment.model.vocab_size, data=experiment_json(experiment.data),
+                             rows=self.train.steps * self.train.batch_size)
+            # The loss must accept this target format (sampled: forward KL at tau 1, no confidence).
+            fake = (TopKTargets if self.cache.format == "topk" else SampledTargets)(None, None)
+            check_targets(self.loss_config, fake)
             if first_batch is not None:  # the data must be the data the cache was made from
                 self.attach_targets(first_batch)
             cache_format, teacher_graphdef = self.cache.format, None
@@ -49,7 +54,9 @@ class Distiller:
         """Whether optimizer step `step` trains on the student's own samples: a draw with probability lambda,
         a pure function of (seed, step) so that a resumed run makes the same choices."""
         fraction = self.distill.on_policy_fraction
-        return fraction > 0 and np.random.default_rng([self.train.seed, step]).random() < fraction
+        if fraction == 0 or step < self.loss_config.burn_in_steps:  # burn-in: hard labels only, as documented
+            return False
+        return np.random.default_rng([self.train.seed, step]).random() < fraction
 
     def rollout_key(self, step: int) -> jax.Array:
         return jax.random.fold_in(jax.random.key(self.train.seed), step)
@@ -61,9 +68,10 @@ class Distiller:
         ids, values = self.cache.lookup(local_batch["inputs"], local_batch["targets"], self.fingerprint)
         return {**local_batch, TARGET_KEYS[0]: ids, TARGET_KEYS[1]: values}
 
-    def after_step(self, metrics: dict, step: int) -> None:
-        """TAID moves t by the soft loss just measured (host-side: three scalars)."""
-        if self.loss_config.target == "taid":
+    def after_step(self, metrics: dict, step: int, *, on_policy: bool = False) -> None:
+        """TAID moves t by the soft loss just measured (host-side: three scalars); on-policy steps measure another
+        loss (the plain teacher on the student's samples) and leave it alone."""
+        if self.loss_config.target == "taid" and not on_policy:
             self.taid = jax.device_get(taid_update(self.taid, metrics["soft"], step, self.loss_config))
 
     def state(self) -> dict[str, float]:

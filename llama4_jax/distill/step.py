@@ -39,8 +39,9 @@ def distill_loss_fn(params, graphdef, batch, train, teacher_params, step, taid_t
             teacher_hidden = teacher.model(batch["inputs"], positions=batch.get("positions"),
                                            segment_ids=batch.get("segment_ids"))
         targets = OnlineTargets(logits_fn=teacher.logits, hidden=jax.lax.stop_gradient(teacher_hidden))
-    elif cache_format == "topk":
-        targets = TopKTargets(batch["target_ids"], batch["target_values"])
+    elif cache_format == "topk":  # values: K log-probabilities, then the log tail mass
+        values = batch["target_values"]
+        targets = TopKTargets(batch["target_ids"], values[..., :-1], values[..., -1])
     else:
         targets = SampledTargets(batch["target_ids"], batch["target_values"])
     sums = distill_loss(student.logits, hidden, targets, batch["targets"], batch["weights"], config=loss_config,
@@ -73,8 +74,11 @@ def make_on_policy_step(graphdef, tx: optax.GradientTransformation, train, disti
             tokens, sampled = sample_continuations(
                 student, batch["inputs"][:, :prompt_len], key, num_new_tokens=train.seq_len - prompt_len + 1,
                 sampling=sampling, stop_tokens=distill.on_policy_stop_tokens)
-        # Row = prompt + samples; the loss covers positions whose next token was sampled.
-        rollout = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": sampled[:, 1:].astype(jnp.float32)}
+        # Row = prompt + samples; the loss covers positions whose next token was sampled, in rows whose prompt is
+        # all real tokens (a packed row's padding is at its end: such a prompt would not be a valid context).
+        whole_prompt = jnp.all(batch["weights"][:, :prompt_len] > 0, axis=1, keepdims=True)
+        weights = (sampled[:, 1:] & whole_prompt).astype(jnp.float32)
+        rollout = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:], "weights": weights}
         return inner(params, opt_state, rollout, teacher_params, jnp.asarray(step_index, jnp.int32),
                      jnp.asarray(taid_t, jnp.float32))
 

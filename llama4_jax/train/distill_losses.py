@@ -71,6 +71,9 @@ class DistillLossConfig:
         _check(0.0 < self.taid_t_start <= self.taid_t_end <= 1.0, "taid_t_start",
                "in (0, taid_t_end] with taid_t_end <= 1", (self.taid_t_start, self.taid_t_end))
         _check(self.temperature > 0, "temperature", "> 0", self.temperature)
+        # Without the tail bucket the teacher has zero mass where the student has some: KL(S || T) is infinite.
+        _check(self.topk_tail or self.divergence != "reverse_kl", "topk_tail",
+               "True with divergence='reverse_kl' (the renormalised top-k makes KL(S||T) infinite)", self.topk_tail)
         _check(self.taid_rate >= 0, "taid_rate", ">= 0", self.taid_rate)
         for name in ("burn_in_steps", "warmup_steps", "decay_steps"):
             _check(getattr(self, name) >= 0, name, ">= 0", getattr(self, name))
@@ -199,14 +202,18 @@ class OnlineTargets:
 
 @dataclasses.dataclass(frozen=True)
 class TopKTargets:
-    """Cached top-k: ids (B, T, K) int, logprobs (B, T, K) = log p_T (tau = 1, full-vocabulary normalised).
+    """Cached top-k: ids (B, T, K) int, logprobs (B, T, K) = log p_T (tau = 1, full-vocabulary normalised), and
+    optionally log_tail (B, T) = log of the teacher's mass outside the K ids, computed by the cache writer from
+    the full logits (exact even where 1 - sum exp(logprobs) rounds to 0 in float32); without it the tail is
+    1 - sum exp(logprobs).
 
-    The remaining mass 1 - sum exp(logprobs) is one tail bucket (docs/distillation.md: without it the student is
-    driven to the renormalised top-k); under temperature it is treated as spread uniformly over the V - K other
-    tokens, which is exact at tau = 1 and the only assumption a top-k cache allows."""
+    The remaining mass is one tail bucket (docs/distillation.md: without it the student is driven to the
+    renormalised top-k); under temperature it is treated as spread uniformly over the V - K other tokens, which
+    is exact at tau = 1 and the only assumption a top-k cache allows."""
 
     ids: jax.Array
     logprobs: jax.Array
+    log_tail: jax.Array | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,21 +242,21 @@ def student_bins(log_s: jax.Array, ids: jax.Array) -> jax.Array:
     return jnp.concatenate([at_ids, _masked_log_sum_exp(log_s, in_k)[..., None]], axis=-1)
 
 
-def topk_teacher_bins(logprobs: jax.Array, vocab: int, tau: float, *, tail_bucket: bool = True) -> jax.Array:
+def topk_teacher_bins(logprobs: jax.Array, vocab: int, tau: float, *, tail_bucket: bool = True,
+                      log_tail: jax.Array | None = None) -> jax.Array:
     """Tempered teacher over K ids + tail bucket, (B, c, K) -> (B, c, K + 1); the tail is uniform over V - K.
 
     Without the tail bucket the K probabilities are renormalised and the tail bin is empty: the biased target
     that drives the student to p_T / sum_K p_T on K and 0 elsewhere (kept for ablations)."""
     k = logprobs.shape[-1]
-    tail = jnp.clip(1.0 - jnp.sum(jnp.exp(logprobs), axis=-1), 0.0, 1.0)
-    if not tail_bucket:
-        tail = jnp.zeros_like(tail)
-    if vocab > k:
-        # (V - K) tokens of probability tail / (V - K) each, raised to 1/tau: log weight log(V-K) + log(each)/tau.
-        safe = jnp.where(tail > 0, tail, 1.0)
-        log_tail = jnp.where(tail > 0, math.log(vocab - k) + (jnp.log(safe) - math.log(vocab - k)) / tau, -jnp.inf)
+    if log_tail is None:
+        tail = jnp.clip(1.0 - jnp.sum(jnp.exp(logprobs), axis=-1), 0.0, 1.0)
+        log_tail = jnp.where(tail > 0, jnp.log(jnp.where(tail > 0, tail, 1.0)), -jnp.inf)
+    if not tail_bucket or vocab <= k:
+        log_tail = jnp.full(logprobs.shape[:-1], -jnp.inf)
     else:
-        log_tail = jnp.full(tail.shape, -jnp.inf)
+        # (V - K) tokens of probability tail / (V - K) each, raised to 1/tau: log weight log(V-K) + log(each)/tau.
+        log_tail = math.log(vocab - k) + (log_tail - math.log(vocab - k)) / tau
     logits = jnp.concatenate([logprobs / tau, log_tail[..., None]], axis=-1)
     return logits - jax.nn.logsumexp(logits, axis=-1, keepdims=True)
 

@@ -165,7 +165,9 @@ class Trainer:
         tokens = self.train.batch_size * self.train.seq_len * steps
         scalars = {
             # Mean over the steps since the last log: a single step's loss is too noisy to read.
-            "train/loss": float(np.mean(window_losses)), "train/accuracy": metrics["accuracy"],
+            # On-policy distillation steps (NaN here) train on the student's own samples, not on the data.
+            "train/loss": float(np.nanmean(window_losses)) if not np.all(np.isnan(window_losses)) else float("nan"),
+            "train/objective": metrics["objective"], "train/accuracy": metrics["accuracy"],
             "train/grad_norm": metrics["grad_norm"], "train/lr": float(self.schedule(self.step - 1)),
             "train/skipped_steps": metrics["skipped_steps"], "perf/tokens_per_second": tokens / seconds,
         }
@@ -203,7 +205,12 @@ class Trainer:
                     self.params, self.opt_state, metrics = step_fn(self.params, self.opt_state, batch, *extra)
                 metrics = jax.device_get(metrics)
                 if self.distiller is not None:
-                    self.distiller.after_step(metrics, self.step)
+                    on_policy = step_fn is self.on_policy_fn
+                    self.distiller.after_step(metrics, self.step, on_policy=on_policy)
+                    if on_policy:  # logged apart: their loss is on the student's own samples
+                        self.writer.write(self.step + 1, {f"distill/on_policy/{k}": float(metrics[k])
+                                                          for k in ("kl", "soft", "tokens")})
+                        metrics = {**metrics, "loss": float("nan")}
                 self.step += 1
                 losses.append(float(metrics["loss"]))
                 bar.update(1)

@@ -72,7 +72,8 @@ DISTILL_SUMS = ("loss_sum", "soft_sum", "hard_sum", "kl_sum", "teacher_ce_sum", 
                 "correct")
 
 
-def _check_targets(config: DistillLossConfig, targets: Targets) -> None:
+def check_targets(config: DistillLossConfig, targets: Targets) -> None:
+    """ValueError if `config` cannot be computed from this kind of targets."""
     if not isinstance(targets, OnlineTargets) and config.target != "teacher":
         raise ValueError(f"DistillLossConfig.target={config.target!r} needs the teacher's logits: use OnlineTargets, "
                          "or target='teacher' with cached targets")
@@ -112,14 +113,15 @@ def _online_terms(config, logits, labels, teacher_logits, taid_t):
     return terms
 
 
-def _sparse_terms(config, logits, labels, ids, values, sampled: bool):
+def _sparse_terms(config, logits, labels, ids, values, log_tail, sampled: bool):
     """Per-token soft divergence and metrics against top-k or sampled targets over K ids + tail bucket."""
     tau, vocab = config.temperature, logits.shape[-1]
-    bins = (lambda t: sampled_teacher_bins(values)) if sampled else (lambda t: topk_teacher_bins(values, vocab, t))
+    bins = (lambda t: sampled_teacher_bins(values)) if sampled else (
+        lambda t: topk_teacher_bins(values, vocab, t, log_tail=log_tail))
     log_s1 = jax.nn.log_softmax(logits, axis=-1)
     s1, t1 = student_bins(log_s1, ids), bins(1.0)
     if not sampled and not config.topk_tail:  # the biased ablation: only the soft term loses the tail
-        soft_t = topk_teacher_bins(values, vocab, tau, tail_bucket=False)
+        soft_t = topk_teacher_bins(values, vocab, tau, tail_bucket=False, log_tail=log_tail)
         s_tau = s1 if tau == 1.0 else student_bins(_tempered(logits, tau), ids)
         soft = divergence(config, soft_t, s_tau)
     else:
@@ -159,7 +161,7 @@ def distill_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student_hi
     With alpha = 0, "loss_sum" is bitwise `cross_entropy(...)["loss_sum"]`. For SampledTargets "kl_sum" is the KL
     from count / N (an estimate) and "teacher_ce_sum" is 0 (a few draws do not estimate p_T(label)).
     """
-    _check_targets(config, targets)
+    check_targets(config, targets)
     if config.target == "taid" and taid_t is None:
         raise ValueError("DistillLossConfig.target='taid' needs taid_t (TaidState.t) in distill_loss")
     size = chunk_size_for(student_hidden.shape[1], chunk)
@@ -168,7 +170,9 @@ def distill_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student_hi
     if isinstance(targets, OnlineTargets):
         extra, teacher_fn = (targets.hidden,), targets.logits_fn
     else:
-        extra = (targets.ids, targets.logprobs if isinstance(targets, TopKTargets) else targets.counts)
+        values = targets.logprobs if isinstance(targets, TopKTargets) else targets.counts
+        log_tail = getattr(targets, "log_tail", None)
+        extra = (targets.ids, values) if log_tail is None else (targets.ids, values, log_tail)
 
     @jax.checkpoint  # the backward recomputes each chunk's logits (the teacher's too) instead of storing them
     def one(carry, xs):
@@ -178,7 +182,9 @@ def distill_loss(student_logits_fn: Callable[[jax.Array], jax.Array], student_hi
         if isinstance(targets, OnlineTargets):
             terms = _online_terms(config, logits, y, teacher_fn(tx[0]), taid_t)
         else:
-            terms = _sparse_terms(config, logits, y, *tx, sampled=isinstance(targets, SampledTargets))
+            ids, values, *tail = tx
+            terms = _sparse_terms(config, logits, y, ids, values, tail[0] if tail else None,
+                                  sampled=isinstance(targets, SampledTargets))
         a = alpha * terms.pop("confidence", jnp.ones_like(nll))
         live = w > 0  # padded positions may hold garbage targets: keep them out of every soft sum
         soft = jnp.where(live, scale * terms["soft"] * w, 0.0)
