@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
 
@@ -23,10 +22,9 @@ K = 16
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("llama4_distill_demo", _DEMO_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from llama4_jax.experiment import load_module
+
+    return load_module(_DEMO_PATH)
 
 
 def variants() -> dict[str, dict]:

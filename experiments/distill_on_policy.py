@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib.util
 import json
 import pathlib
 
@@ -26,10 +25,9 @@ FRACTION = 0.5
 
 
 def _demo():
-    spec = importlib.util.spec_from_file_location("llama4_distill_demo", _DEMO_PATH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from llama4_jax.experiment import load_module
+
+    return load_module(_DEMO_PATH)
 
 
 def on_policy_kl(experiment, student_dir: pathlib.Path, batches: int = 4, seed: int = 1) -> float:

@@ -6,19 +6,18 @@ sharded by the inference rules) at 8192 tokens, one sequence per chip, experts o
 
 (see experiments/README.md for the recorded plans). Training needs distill.teacher_checkpoint set."""
 
-from llama4_jax.config import BEHEMOTH, MAVERICK
+import dataclasses
+import pathlib
+
+from llama4_jax.config import BEHEMOTH
 from llama4_jax.distill import DistillConfig
-from llama4_jax.experiment import ExperimentConfig, TrainConfig
+from llama4_jax.experiment import load_module
 from llama4_jax.sharding import MeshConfig
 from llama4_jax.train.losses import DistillLossConfig
-from llama4_jax.train.optim import OptimConfig
 
-EXPERIMENT = ExperimentConfig(
+EXPERIMENT = dataclasses.replace(
+    load_module(pathlib.Path(__file__).with_name("maverick_train.py")).EXPERIMENT,
     name="maverick_distill",
-    model=MAVERICK,
-    train=TrainConfig(batch_size=128, seq_len=8192, steps=100_000, param_dtype="float32",
-                      compute_dtype="bfloat16", remat="full"),
-    optim=OptimConfig(lr=3e-4, warmup_steps=2000, schedule="wsd"),
     mesh=MeshConfig(fsdp=-1, expert=16),  # 8 of Maverick's and 1 of Behemoth's 16 experts per expert rank
     distill=DistillConfig(teacher=BEHEMOTH, teacher_param_dtype="bfloat16",
                           loss=DistillLossConfig(alpha_schedule="cosine", alpha=0.9, alpha_end=0.5)),

@@ -8,19 +8,18 @@ the student's step.
 
 (see experiments/README.md for the recorded plans). Training needs distill.teacher_checkpoint set."""
 
-from llama4_jax.config import BEHEMOTH, SCOUT
+import dataclasses
+import pathlib
+
+from llama4_jax.config import BEHEMOTH
 from llama4_jax.distill import DistillConfig
-from llama4_jax.experiment import ExperimentConfig, TrainConfig
+from llama4_jax.experiment import load_module
 from llama4_jax.sharding import MeshConfig
 from llama4_jax.train.losses import DistillLossConfig
-from llama4_jax.train.optim import OptimConfig
 
-EXPERIMENT = ExperimentConfig(
+EXPERIMENT = dataclasses.replace(
+    load_module(pathlib.Path(__file__).with_name("scout_train.py")).EXPERIMENT,
     name="scout_distill",
-    model=SCOUT,
-    train=TrainConfig(batch_size=128, seq_len=8192, steps=100_000, param_dtype="float32", compute_dtype="bfloat16",
-                      remat="full"),
-    optim=OptimConfig(lr=3e-4, warmup_steps=2000, schedule="wsd"),
     # Experts over an expert axis of 16: Behemoth's MoE layer is 16 x 16384 x 24576 x 3 bf16 = 38.7 GB, which an
     # fsdp-only mesh would all-gather on every chip for every layer (planned: 105.6 GiB temp on v5p-256).
     mesh=MeshConfig(fsdp=-1, expert=16),

@@ -58,13 +58,11 @@ def _demo(args: argparse.Namespace) -> int:
 
 def _demo_train(args: argparse.Namespace) -> int:
     """experiments/distill_demo.py: a teacher, then the same student on hard labels and distilled, compared."""
-    import importlib.util
     import pathlib
 
-    path = pathlib.Path(__file__).resolve().parent.parent / "experiments" / "distill_demo.py"
-    spec = importlib.util.spec_from_file_location("llama4_distill_demo", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    from llama4_jax.experiment import load_module
+
+    module = load_module(pathlib.Path(__file__).resolve().parent.parent / "experiments" / "distill_demo.py")
     print(f"\n{module.__doc__.strip().splitlines()[0]}")
     module.main(args.workdir, teacher_steps=args.teacher_steps, student_steps=args.student_steps)
     return 0

@@ -44,6 +44,9 @@ class TrainConfig:
     eval_batches: int = 4
     checkpoint_every: int = 100
     keep_checkpoints: int = 3
+    # Start from these weights instead of random ones (fine-tuning, or a pretrained student): a training run,
+    # a model checkpoint (llama4-jax convert) or a Hugging Face directory; its config must equal `model`.
+    init_checkpoint: str | None = None
 
     def __post_init__(self):
         for name in ("param_dtype", "compute_dtype"):
@@ -99,13 +102,20 @@ def load_experiment(path: str | pathlib.Path, overrides: list[str] = ()) -> Expe
     if not path.is_file():
         names = sorted(p.name for p in path.parent.glob("*.py")) if path.parent.is_dir() else []
         raise ValueError(f"experiment file {path} does not exist" + (f"; found {names}" if names else ""))
-    spec = importlib.util.spec_from_file_location(f"llama4_experiment_{path.stem}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_module(path)
     experiment = getattr(module, "EXPERIMENT", None)
     if not isinstance(experiment, ExperimentConfig):
         raise ValueError(f"{path} must define EXPERIMENT = ExperimentConfig(...)")
     return apply_overrides(experiment, overrides)
+
+
+def load_module(path: str | pathlib.Path) -> types.ModuleType:
+    """Import a Python file (an experiment; experiments/ is not a package) as a module of its own."""
+    path = pathlib.Path(path)
+    spec = importlib.util.spec_from_file_location(f"llama4_experiment_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def apply_overrides(config: Any, overrides: list[str]) -> Any:

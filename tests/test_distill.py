@@ -182,6 +182,25 @@ def test_online_distillation_run_from_a_training_checkpoint(teacher_run, tmp_pat
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
+def test_a_run_starts_from_pretrained_weights(teacher_run, tmp_path):
+    """train.init_checkpoint: a fresh run (here of the teacher's shape) starts from the checkpoint's weights,
+    in the training sharding; a checkpoint of another shape is refused before any step."""
+    exp = experiment()
+    pretrained = dataclasses.replace(exp, name="finetune", model=exp.distill.teacher, distill=None,
+                                     train=dataclasses.replace(exp.train, init_checkpoint=str(teacher_run)))
+    trainer = Trainer(pretrained, tmp_path / "finetune")
+    manager = ocp.CheckpointManager((teacher_run / "checkpoints").absolute(), item_names=("params",))
+    saved = manager.restore(2, args=ocp.args.Composite(params=ocp.args.StandardRestore()))["params"]
+    manager.close()
+    for a, b in zip(jax.tree.leaves(trainer.params), jax.tree.leaves(saved)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert trainer.step == 0
+    trainer.checkpoints.close()
+    wrong = dataclasses.replace(pretrained, model=exp.model)
+    with pytest.raises(ValueError, match="hidden_size"):
+        Trainer(wrong, tmp_path / "wrong")
+
+
 def test_cache_is_written_read_and_refused_for_other_data(teacher_run, tmp_path):
     exp = experiment(teacher_checkpoint=str(teacher_run))
     cache = build_cache(exp, tmp_path / "cache", fmt="topk", k=8, num_batches=3, progress=False)

@@ -84,10 +84,11 @@ def _check_config(path, found: Llama4Config, expected: Llama4Config) -> None:
         raise ValueError(f"teacher checkpoint {path} does not match distill.teacher:\n  " + "\n  ".join(diffs))
 
 
-def load_teacher(distill, train, mesh: Mesh) -> Teacher:
-    """The teacher of `distill` from its checkpoint, each parameter read straight into its inference sharding
-    and cast to `distill.teacher_param_dtype`. Raises ValueError naming the path and every mismatching field
-    when the checkpoint's config is not `distill.teacher`, or when the path holds no checkpoint we know."""
+def load_teacher(distill, train, mesh: Mesh, *, rules: Rules = INFERENCE_RULES) -> Teacher:
+    """The teacher of `distill` from its checkpoint, each parameter read straight into its sharding under
+    `rules` (inference by default) and cast to `distill.teacher_param_dtype`. Raises ValueError naming the path
+    and every mismatching field when the checkpoint's config is not `distill.teacher`, or when the path holds
+    no checkpoint we know. (Also loads pretrained students: see `load_pretrained`.)"""
     path = distill.teacher_checkpoint
     if path is None:
         raise ValueError("distill.teacher_checkpoint is not set: a distillation run needs a trained teacher "
@@ -100,14 +101,14 @@ def load_teacher(distill, train, mesh: Mesh) -> Teacher:
         from llama4_jax.convert.load import load_hf, open_hf
 
         _check_config(path, open_hf(path).config, distill.teacher)
-        model = load_hf(path, mesh=mesh, dtype=dtype, rules=INFERENCE_RULES, model_kwargs=kwargs)
+        model = load_hf(path, mesh=mesh, dtype=dtype, rules=rules, model_kwargs=kwargs)
     elif kind == "model":
         from llama4_jax.checkpoint import ParamReader, restore_model
 
         _check_config(path, ParamReader(path).config, distill.teacher)
-        model = restore_model(path, mesh=mesh, rules=INFERENCE_RULES, dtype=dtype, model_kwargs=kwargs)
+        model = restore_model(path, mesh=mesh, rules=rules, dtype=dtype, model_kwargs=kwargs)
     else:
-        return _restore_from_run(path, distill, train, mesh)
+        return _restore_from_run(path, distill, train, mesh, rules)
     graphdef, params = nnx.split(model, nnx.Param)
     return Teacher(distill.teacher, graphdef, params)
 
@@ -135,14 +136,14 @@ def _run_directory(path: pathlib.Path) -> pathlib.Path | None:
     return None
 
 
-def _restore_from_run(path: pathlib.Path, distill, train, mesh: Mesh) -> Teacher:
+def _restore_from_run(path: pathlib.Path, distill, train, mesh: Mesh, rules: Rules) -> Teacher:
     """The latest training checkpoint's params only (no optimizer state is read), cast and resharded."""
     from llama4_jax.train.checkpointing import experiment_json
 
     directory = _run_directory(path).absolute()
     step = max(int(p.name) for p in directory.iterdir() if p.name.isdigit() and (p / "params").is_dir())
     graphdef, abstract = abstract_teacher(distill, train)
-    shardings = teacher_shardings(abstract, mesh)
+    shardings = teacher_shardings(abstract, mesh, rules)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
     manager = ocp.CheckpointManager(directory, item_names=("params", "meta"))
     where = directory / str(step)
@@ -161,3 +162,14 @@ def _restore_from_run(path: pathlib.Path, distill, train, mesh: Mesh) -> Teacher
     finally:
         manager.close()
     return Teacher(distill.teacher, graphdef, restored["params"])
+
+
+def load_pretrained(experiment, path: str, mesh: Mesh):
+    """The experiment's model params from a checkpoint (run, model checkpoint or HF directory), in the training
+    sharding and `train.param_dtype`: the start of a fine-tuning or distillation run (`train.init_checkpoint`).
+    The checkpoint's config must be `experiment.model` (checked field by field, as for a teacher)."""
+    from llama4_jax.distill.config import DistillConfig
+
+    spec = DistillConfig(teacher=experiment.model, teacher_checkpoint=path,
+                         teacher_param_dtype=experiment.train.param_dtype)
+    return load_teacher(spec, experiment.train, mesh, rules=TRAIN_RULES).params

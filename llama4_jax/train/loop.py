@@ -123,16 +123,25 @@ class Trainer:
                          first_batch=first)
 
     def _initial_state(self):
-        """Fresh parameters sharded from birth, or the latest checkpoint restored onto this mesh."""
+        """The latest checkpoint restored onto this mesh; else pretrained weights (train.init_checkpoint); else
+        fresh parameters sharded from birth. No path builds a parameter it then throws away."""
         factory = model_factory(self.experiment.model_config, self.train, seed=self.train.seed)
         init = self.tx.init if self.experiment.vision is None else \
             (lambda p: multimodal.init_opt_state(self.tx, p, self.train))  # the trainable part only
-        with jax.set_mesh(self.mesh):
-            params = jax.jit(lambda: nnx.state(factory(), nnx.Param), out_shardings=self.shardings.params)()
-            opt_state = jax.jit(init, out_shardings=self.shardings.opt_state)(params)
         latest = self.checkpoints.latest_step()
-        if latest is None:
-            return params, opt_state, 0
+        with jax.set_mesh(self.mesh):
+            if latest is None and self.train.init_checkpoint:  # a fresh run from pretrained weights
+                if self.experiment.vision is not None:
+                    raise ValueError("train.init_checkpoint is not supported with a vision tower yet")
+                from llama4_jax.distill.teacher import load_pretrained
+
+                params = load_pretrained(self.experiment, self.train.init_checkpoint, self.mesh)
+                return params, jax.jit(init, out_shardings=self.shardings.opt_state)(params), 0
+            if latest is None:
+                params = jax.jit(lambda: nnx.state(factory(), nnx.Param), out_shardings=self.shardings.params)()
+                return params, jax.jit(init, out_shardings=self.shardings.opt_state)(params), 0
+        params = nnx.state(nnx.eval_shape(factory), nnx.Param)
+        opt_state = jax.eval_shape(init, params)
         self.checkpoints.check_compatible(latest, self.meta)
         restored = self.checkpoints.restore(latest, abstract_like(params, self.shardings.params),
                                             abstract_like(opt_state, self.shardings.opt_state), self.train_iter)
