@@ -94,8 +94,9 @@ class _Stream:
     """Prints a single prompt's new text as it arrives (decoding the whole continuation each time, so tokens
     that only form a character together print correctly), or token ids without a tokenizer."""
 
-    def __init__(self, tokenizer, out=sys.stdout):
-        self.tokenizer, self.out, self.ids, self.printed, self.done = tokenizer, out, [], "", False
+    def __init__(self, tokenizer, out=None):
+        # sys.stdout is looked up now, not when the module was imported (it may have been replaced since).
+        self.tokenizer, self.out, self.ids, self.printed, self.done = tokenizer, out or sys.stdout, [], "", False
 
     def __call__(self, step, tokens, finished) -> None:
         if self.done:  # after its stop token a row still gets (meaningless) tokens
