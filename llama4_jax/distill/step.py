@@ -41,6 +41,9 @@ def distill_loss_fn(params, graphdef, batch, train, teacher_params, step, taid_t
         targets = OnlineTargets(logits_fn=teacher.logits, hidden=jax.lax.stop_gradient(teacher_hidden))
     elif cache_format == "topk":  # values: K log-probabilities, then the log tail mass
         values = batch["target_values"]
+        if values.shape[-1] != batch["target_ids"].shape[-1] + 1:
+            raise ValueError(f"top-k targets: target_values must hold k + 1 columns (k log-probabilities, then the "
+                             f"log tail mass), got {values.shape[-1]} for k = {batch['target_ids'].shape[-1]}")
         targets = TopKTargets(batch["target_ids"], values[..., :-1], values[..., -1])
     else:
         targets = SampledTargets(batch["target_ids"], batch["target_values"])
