@@ -108,3 +108,19 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     out = jnp.stack([real * cos - imag * sin, real * sin + imag * cos], axis=-1)
     return out.reshape(x.shape).astype(x.dtype)
+
+
+def stacked(make_one, count: int, rngs: nnx.Rngs):
+    """`count` independently initialised modules from `make_one(rngs)`, parameters stacked on a leading axis
+    whose logical name is "layers" (what the scanned stacks of the text and vision models run over)."""
+
+    @nnx.split_rngs(splits=count)
+    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=count)
+    def make(rngs: nnx.Rngs):
+        return make_one(rngs)
+
+    modules = make(rngs)
+    for _, variable in nnx.iter_graph(modules):
+        if isinstance(variable, nnx.Param):
+            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
+    return modules

@@ -17,7 +17,7 @@ from flax import nnx
 from llama4_jax import loops
 from llama4_jax.config import LayerSpec, Llama4Config
 from llama4_jax.model.attention import Attention, AttentionInputs, temperature_scales
-from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq
+from llama4_jax.model.layers import MLP, RMSNorm, param, rope_angles, rope_inv_freq, stacked
 from llama4_jax.model.moe import MoE
 from llama4_jax.sharding import constrain
 
@@ -89,17 +89,7 @@ class Block(nnx.Module):
 
 def _stacked_blocks(config: Llama4Config, rngs: nnx.Rngs, param_dtype: jnp.dtype) -> Block:
     """`num_blocks` independently initialised blocks with parameters stacked on a new leading axis."""
-
-    @nnx.split_rngs(splits=config.num_blocks)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_blocks)
-    def make(rngs: nnx.Rngs) -> Block:
-        return Block(config, rngs=rngs, param_dtype=param_dtype)
-
-    blocks = make(rngs)
-    for _, variable in nnx.iter_graph(blocks):
-        if isinstance(variable, nnx.Param):
-            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
-    return blocks
+    return stacked(lambda r: Block(config, rngs=r, param_dtype=param_dtype), config.num_blocks, rngs)
 
 
 def document_positions(segment_ids: jax.Array) -> jax.Array:

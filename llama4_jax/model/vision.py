@@ -18,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from llama4_jax import loops
-from llama4_jax.model.layers import apply_rope, param
+from llama4_jax.model.layers import apply_rope, param, stacked
 from llama4_jax.multimodal_config import Llama4VisionConfig
 
 _LAYERNORM_EPS = 1e-5  # torch nn.LayerNorm's default; HF never passes config.norm_eps
@@ -120,17 +120,8 @@ class VisionEncoderLayer(nnx.Module):
 
 def _stacked_layers(config: Llama4VisionConfig, rngs: nnx.Rngs, param_dtype) -> VisionEncoderLayer:
     """`num_hidden_layers` independently initialised layers, parameters stacked on a leading "layers" axis."""
-
-    @nnx.split_rngs(splits=config.num_hidden_layers)
-    @nnx.vmap(in_axes=(0,), out_axes=0, axis_size=config.num_hidden_layers)
-    def make(rngs: nnx.Rngs) -> VisionEncoderLayer:
-        return VisionEncoderLayer(config, rngs=rngs, param_dtype=param_dtype)
-
-    layers = make(rngs)
-    for _, variable in nnx.iter_graph(layers):
-        if isinstance(variable, nnx.Param):
-            variable.set_metadata(logical_axes=("layers", *variable.get_metadata()["logical_axes"]))
-    return layers
+    return stacked(lambda r: VisionEncoderLayer(config, rngs=r, param_dtype=param_dtype), config.num_hidden_layers,
+                   rngs)
 
 
 def pixel_shuffle(x: jax.Array, ratio: float) -> jax.Array:

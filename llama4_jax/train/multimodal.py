@@ -20,7 +20,7 @@ from jax.sharding import Mesh
 
 from llama4_jax.sharding import TRAIN_RULES, Rules, state_shardings
 from llama4_jax.train.losses import cross_entropy
-from llama4_jax.train.step import StepShardings, add_moe_losses, make_train_step, step_shardings
+from llama4_jax.train.step import StepShardings, add_moe_losses, make_eval_step, make_train_step, step_shardings
 
 VISION_PARAMS = nnx.All(nnx.Param, nnx.PathContains("vision_model"))
 
@@ -73,13 +73,8 @@ def make_multimodal_train_step(graphdef, tx: optax.GradientTransformation, train
 
 
 def make_multimodal_eval_step(graphdef, train):
-    """eval(params, batch) -> summed loss, correct and token counts (divide after summing batches)."""
-
-    def evaluate(params, batch):
-        _, metrics = multimodal_loss(params, graphdef, batch, train)
-        return {k: metrics[k] for k in ("loss_sum", "correct", "tokens")}
-
-    return evaluate
+    """eval(params, batch) -> summed loss, correct and token counts of image+text batches."""
+    return make_eval_step(graphdef, train, loss=multimodal_loss)
 
 
 def multimodal_step_shardings(abstract_params, tx: optax.GradientTransformation, mesh: Mesh, train,

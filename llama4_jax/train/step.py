@@ -136,11 +136,11 @@ def make_train_step(graphdef, tx: optax.GradientTransformation, train, loss: Cal
     return step
 
 
-def make_eval_step(graphdef, train):
+def make_eval_step(graphdef, train, loss: Callable = loss_fn):
     """eval(params, batch) -> summed loss, correct and token counts (divide after summing batches)."""
 
     def evaluate(params, batch):
-        _, metrics = loss_fn(params, graphdef, batch, train)
+        _, metrics = loss(params, graphdef, batch, train)
         return {k: metrics[k] for k in ("loss_sum", "correct", "tokens")}
 
     return evaluate
