@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 
 from llama4_jax.train.losses import DistillLossConfig
@@ -68,8 +67,8 @@ def main(workdir: str | pathlib.Path, steps: int) -> list[tuple[str, float]]:
         run = workdir / "ablation" / f"run{i:02d}"
         print(f"\n== {name}")
         train(dataclasses.replace(student, distill=distill), run)
-        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        rows.append((name, [r["eval/loss"] for r in evals if "eval/loss" in r][-1]))
+        curve = demo.eval_curve(run)
+        rows.append((name, curve[max(curve)]))
     print(f"\n| variant ({steps} student steps, seed {demo.SEED}) | held-out loss |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value:.4f} |")

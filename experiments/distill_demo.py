@@ -59,7 +59,7 @@ EXPERIMENT = dataclasses.replace(
                           loss=DistillLossConfig(divergence="forward_kl", alpha=0.5, alpha_end=0.5)))
 
 
-def _eval_curve(workdir: pathlib.Path) -> dict[int, float]:
+def eval_curve(workdir: pathlib.Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     return {r["step"]: r["eval/loss"] for r in rows if "eval/loss" in r}
 
@@ -99,7 +99,7 @@ def main(workdir: str | pathlib.Path = WORKDIR, *, teacher_steps: int | None = N
     for label, experiment in runs.items():
         print(f"\n== {label}: {experiment.name}, hidden {experiment.model.hidden_size}, {experiment.train.steps} steps")
         train(experiment, workdir / _dirname(label), progress=progress)
-    curves = {label: _eval_curve(workdir / _dirname(label)) for label in runs}
+    curves = {label: eval_curve(workdir / _dirname(label)) for label in runs}
     final = {label: curve[max(curve)] for label, curve in curves.items()}
     print(f"\nHeld-out loss after {hard.train.steps} student steps (seed {SEED}, "
           f"{hard.train.eval_batches} eval batches of {hard.train.batch_size}x{hard.train.seq_len} tokens):")

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import pathlib
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 _DEMO_PATH = pathlib.Path(__file__).with_name("distill_demo.py")
 FRACTION = 0.5
@@ -81,8 +79,8 @@ def main(workdir: str | pathlib.Path, steps: int) -> dict[str, dict[str, float]]
         run = workdir / "on_policy" / ("off" if experiment is off else "on")
         print(f"\n== {label}")
         train(experiment, run)
-        evals = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        results[label] = {"held-out loss": [r["eval/loss"] for r in evals if "eval/loss" in r][-1],
+        curve = demo.eval_curve(run)
+        results[label] = {"held-out loss": curve[max(curve)],
                           "KL on own samples": on_policy_kl(experiment, run)}
     print(f"\n| student ({steps} steps, seed {demo.SEED}) | held-out loss | KL(teacher || student) on its own "
           "samples |\n|---|---|---|")
@@ -96,5 +94,4 @@ if __name__ == "__main__":
     parser.add_argument("--workdir", default="runs/distill_demo")
     parser.add_argument("--steps", type=int, default=200)
     args = parser.parse_args()
-    np.set_printoptions(precision=4)
     main(args.workdir, args.steps)
